@@ -1,0 +1,19 @@
+# Sourced by run.sh and test.sh: make .venv hold exactly the tested dependency set.
+# Re-installs only when pyproject.toml or requirements.lock changed since the last install.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+PYTHON=${PYTHON:-python3.11}
+command -v "$PYTHON" >/dev/null || { echo "error: $PYTHON not found; fedbrain needs Python 3.11 (set PYTHON=/path/to/python3.11)" >&2; exit 1; }
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+stamp=.venv/.fedbrain-installed
+want=$(cat pyproject.toml requirements.lock | sha256sum | cut -d' ' -f1)
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  echo "Installing the tested dependency set into .venv (first run: a few minutes)..."
+  .venv/bin/python -m pip install --quiet --upgrade pip
+  # One pip call with the lock as constraints: installing pieces separately drifts (DESIGN.md).
+  .venv/bin/python -m pip install --quiet -c requirements.lock -e '.[test]'
+  echo "$want" > "$stamp"
+fi
+# dvc stages call `fedbrain`, and the Flower SuperLink starts `flower-superexec` by name.
+export PATH="$PWD/.venv/bin:$PATH"
+export TF_CPP_MIN_LOG_LEVEL=${TF_CPP_MIN_LOG_LEVEL:-2}

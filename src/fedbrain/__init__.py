@@ -1,0 +1,3 @@
+"""fedbrain: federated, privacy-preserving brain-tumour MRI training."""
+
+__version__ = "0.1.0"

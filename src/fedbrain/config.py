@@ -1,0 +1,50 @@
+"""params.yaml: every tunable of every stage, read in one place."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from fedbrain.errors import InputError
+
+DEFAULT_PARAMS = Path("params.yaml")
+
+
+def load_params(path: str | Path = DEFAULT_PARAMS) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: params file not found; run from the project root or pass --params")
+    try:
+        params = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise InputError(f"{path}: not valid YAML ({exc}); fix the file") from exc
+    if not isinstance(params, dict):
+        raise InputError(f"{path}: expected a mapping of stage sections at the top level")
+    return params
+
+
+def section(params: dict[str, Any], name: str) -> dict[str, Any]:
+    value = params.get(name)
+    if not isinstance(value, dict):
+        raise InputError(f"params.yaml: section '{name}' is missing or not a mapping")
+    return value
+
+
+def get(sec: dict[str, Any], key: str, kind: type | tuple[type, ...], where: str,
+        choices: tuple | None = None, default: Any = ...) -> Any:
+    """A typed value from a params section; a missing or wrong value names the key."""
+    if key not in sec:
+        if default is ...:
+            raise InputError(f"params.yaml: '{where}.{key}' is missing")
+        return default
+    value = sec[key]
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind in (int, float)):
+        names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+        raise InputError(f"params.yaml: '{where}.{key}' is {value!r}; expected {names}")
+    if choices is not None and value not in choices:
+        raise InputError(f"params.yaml: '{where}.{key}' is {value!r}; expected one of {', '.join(map(str, choices))}")
+    return value

@@ -1,0 +1,85 @@
+"""The on-disk contract between the data stages and every trainer.
+
+preprocess writes ``<processed>/``:
+  images.npy     float32 (N, size, size, channels), intensities in [0, 1]
+  masks.npy      uint8 (N, size, size, 1) in {0, 1}; only when the dataset has masks
+  index.parquet  the manifest rows in array order, plus ``row`` and ``label_index``
+  classes.json   {"classes": [...], "has_masks": bool, "channels": C, "size": S}
+
+partition writes ``<partition>/``:
+  splits.parquet          row, image_id, patient_id, site, label, label_index, split
+                          (train | val | test), hospital (-1 for test)
+  hospital_<k>/index.parquet  the train and val rows that hospital k holds (row, split, label_index)
+  report.json, label_counts.png
+
+Every trainer (centralized, each federated hospital, evaluate) reads through ``load_split``
+so that they all see exactly the same examples for a split.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from fedbrain.errors import InputError
+
+SPLITS = ("train", "val", "test")
+
+
+@dataclass
+class Split:
+    images: np.ndarray  # (n, size, size, channels) float32 in [0, 1]
+    labels: np.ndarray  # (n,) int64 class index
+    masks: np.ndarray | None  # (n, size, size, 1) uint8, or None without masks
+    image_ids: list[str]
+    patient_ids: list[str | None]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def load_classes(processed_dir: str | Path) -> dict:
+    path = Path(processed_dir) / "classes.json"
+    if not path.is_file():
+        raise InputError(f"{path}: not found; run the preprocess stage first (dvc repro preprocess)")
+    return json.loads(path.read_text())
+
+
+def hospital_dir(partition_dir: str | Path, hospital: int) -> Path:
+    return Path(partition_dir) / f"hospital_{hospital}"
+
+
+def load_split(processed_dir: str | Path, partition_dir: str | Path, split: str,
+               hospital: int | None = None) -> Split:
+    """The examples of one split, pooled (hospital=None) or as held by one hospital."""
+    if split not in SPLITS:
+        raise InputError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
+    processed_dir, partition_dir = Path(processed_dir), Path(partition_dir)
+    if hospital is None:
+        index_path = partition_dir / "splits.parquet"
+    else:
+        if split == "test":
+            raise InputError("the test split is held out centrally; no hospital holds it")
+        index_path = hospital_dir(partition_dir, hospital) / "index.parquet"
+    if not index_path.is_file():
+        raise InputError(f"{index_path}: not found; run the partition stage first (dvc repro partition)")
+    index = pd.read_parquet(index_path)
+    index = index[index["split"] == split]
+    rows = index["row"].to_numpy(dtype=np.int64)
+
+    images = np.load(processed_dir / "images.npy", mmap_mode="r")
+    masks_path = processed_dir / "masks.npy"
+    masks = np.load(masks_path, mmap_mode="r")[rows] if masks_path.is_file() else None
+    full = pd.read_parquet(processed_dir / "index.parquet", columns=["row", "image_id", "patient_id"])
+    full = full.set_index("row").loc[rows]
+    return Split(
+        images=np.asarray(images[rows], dtype=np.float32),
+        labels=index["label_index"].to_numpy(dtype=np.int64),
+        masks=None if masks is None else np.asarray(masks),
+        image_ids=full["image_id"].tolist(),
+        patient_ids=full["patient_id"].tolist(),
+    )

@@ -1,0 +1,56 @@
+"""`dvc repro` on the embedded sample, in a copy of the project: all stages run, a second run does nothing."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import PROJECT
+
+DATA_STAGES = ("ingest", "validate", "preprocess", "partition")
+
+
+def project_files() -> list[str]:
+    listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=PROJECT,
+                            capture_output=True, text=True, check=True).stdout.splitlines()
+    return [f for f in listed if (PROJECT / f).is_file()]
+
+
+@pytest.fixture(scope="module")
+def project_copy(tmp_path_factory) -> Path:
+    copy = tmp_path_factory.mktemp("project")
+    for relative in project_files():
+        target = copy / relative
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(PROJECT / relative, target)
+    subprocess.run(["git", "init", "-q"], cwd=copy, check=True)
+    return copy
+
+
+def dvc(*args, cwd):
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    return subprocess.run([str(Path(sys.executable).parent / "dvc"), *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=1800)
+
+
+@pytest.mark.slow
+def test_repro_twice_on_embedded_sample(project_copy):
+    first = dvc("repro", cwd=project_copy)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    for stage in DATA_STAGES:
+        assert f"Running stage '{stage}'" in first.stdout
+    assert (project_copy / "data" / "partition" / "report.json").is_file()
+    assert (project_copy / "reports" / "validation" / "data_docs" / "index.html").is_file()
+
+    second = dvc("repro", cwd=project_copy)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "Running stage" not in second.stdout, second.stdout
+
+    dag = dvc("dag", cwd=project_copy)
+    for stage in DATA_STAGES:
+        assert stage in dag.stdout

@@ -245,7 +245,7 @@ def run_suites(images: pd.DataFrame, classes: pd.DataFrame, labels: list[str], m
             "class_name": "SiteBuilder",
             "show_how_to_buttons": False,
             "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
-            "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(docs_dir)},
+            "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(Path(docs_dir).resolve())},  # GE needs it absolute
         }},
         analytics_enabled=False,
         progress_bars=ProgressBarsConfig(globally=False)))

@@ -70,5 +70,53 @@ def partition(params_path, processed, out):
     _run("partition", "run", params_path, processed=processed, out=out)
 
 
+@main.command(name="train-centralized")
+@PARAMS
+@click.option("--processed", default="data/processed", show_default=True, type=click.Path(path_type=Path))
+@click.option("--partition", default="data/partition", show_default=True, type=click.Path(path_type=Path))
+@click.option("--out", default="models/centralized", show_default=True, type=click.Path(path_type=Path))
+def train_centralized(params_path, processed, partition, out):
+    """The pooled baseline: classifier (and U-Net when the data has masks), one MLflow run each."""
+    _run("train", "run_centralized", params_path, processed=processed, partition=partition, out=out)
+
+
+@main.command()
+@PARAMS
+@click.option("--processed", default="data/processed", show_default=True, type=click.Path(path_type=Path))
+@click.option("--partition", default="data/partition", show_default=True, type=click.Path(path_type=Path))
+@click.option("--models", default="models", show_default=True, type=click.Path(path_type=Path))
+@click.option("--out", default="reports", show_default=True, type=click.Path(path_type=Path))
+def evaluate(params_path, processed, partition, models, out):
+    """Every trained model on the test split: metrics, plots, comparison table."""
+    _run("evaluate", "run", params_path, processed=processed, partition=partition, models=models, out=out)
+
+
+@main.command()
+@PARAMS
+@click.option("--model", required=True, type=click.Path(path_type=Path), help="A .keras model (classifier or segmenter).")
+@click.option("--out", default="predictions", show_default=True, type=click.Path(path_type=Path),
+              help="Where the segmenter's mask PNGs go.")
+@click.option("--slice", "slice_index", default=None, type=int,
+              help="Axial slice of NIfTI inputs (default: the middle one).")
+@click.argument("images", nargs=-1, required=True)
+def predict(params_path, model, out, slice_index, images):
+    """Class probabilities (JSON on stdout) and tumour masks for image files."""
+    _run("predict", "run", params_path, model=model, images=list(images), out=out, slice_index=slice_index)
+
+
+@main.command(name="train-federated")
+@PARAMS
+@click.option("--processed", default="data/processed", show_default=True, type=click.Path(path_type=Path))
+@click.option("--partition", default="data/partition", show_default=True, type=click.Path(path_type=Path))
+@click.option("--out", default="models/federated/fedavg", show_default=True, type=click.Path(path_type=Path))
+@click.option("--resume", is_flag=True, help="Continue from the last round saved in --out after a crash.")
+@click.option("--insecure", is_flag=True,
+              help="Turn TLS and SuperNode authentication off (prints a warning; debugging only).")
+def train_federated(params_path, processed, partition, out, resume, insecure):
+    """FedAvg on Flower's Deployment Engine: a SuperLink and one SuperNode per hospital, on loopback."""
+    _run("federated.launcher", "run", params_path, processed=processed, partition=partition, out=out,
+         resume=resume, insecure=insecure)
+
+
 if __name__ == "__main__":
     main()

@@ -1,0 +1,364 @@
+"""evaluate: every trained model on the same held-out test split; metrics, plots, one comparison table.
+
+Models are found generically: every ``*.keras`` under ``models/`` (``centralized/classifier.keras``,
+``federated/<variant>/classifier.keras``, ...) with its card ``<name>.json`` written by
+``fedbrain.train.save_model`` (task, training, privacy, epsilon, MLflow run id, history).
+A model without a card is still evaluated; what the card would say is inferred from its path
+and output shape.
+
+Writes, under ``out`` (``reports/``):
+  metrics.json        scalar test metrics per run (DVC metrics)
+  evaluation.json     the details: per-class scores, confusion matrices, per-patient Dice/HD95
+  comparison.csv/.md  one row per model/run: centralized and every federated variant side by side
+  plots/<run>/*.png   confusion matrix, ROC curves, training curves, segmentation overlays (DVC plots)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from fedbrain.config import get
+from fedbrain.dataset import Split, load_classes, load_split
+from fedbrain.errors import InputError
+
+COMPARISON_COLUMNS = ["run", "training", "model", "task", "privacy", "epsilon", "accuracy", "macro_f1",
+                      "roc_auc", "dice", "hd95", "dice_tumour_slices", "test_images", "train_time_s", "run_id"]
+
+
+# --------------------------------------------------------------------------- classification
+
+def classification_metrics(y_true: np.ndarray, proba: np.ndarray, classes: list[str]) -> dict:
+    """Accuracy, per-class and macro precision/recall/F1, one-vs-rest ROC-AUC, confusion matrix.
+
+    Macro averages run over the classes present in the truth or the predictions (scikit-learn's
+    default), so a class absent from a small test set does not count as a zero. ROC-AUC is
+    defined only for a class with both positives and negatives in the truth; the macro AUC
+    averages the defined ones and ``roc_auc_classes`` says how many that was.
+    """
+    from sklearn.metrics import (accuracy_score, confusion_matrix, precision_recall_fscore_support,
+                                 roc_auc_score)
+
+    y_true = np.asarray(y_true, dtype=np.int64)
+    proba = np.asarray(proba, dtype=np.float64)
+    labels = list(range(len(classes)))
+    y_pred = proba.argmax(axis=1)
+    precision, recall, f1, support = precision_recall_fscore_support(
+        y_true, y_pred, labels=labels, zero_division=0)
+    macro_p, macro_r, macro_f1, _ = precision_recall_fscore_support(y_true, y_pred, average="macro",
+                                                                    zero_division=0)
+    per_class, aucs = {}, []
+    for k, name in enumerate(classes):
+        positives = y_true == k
+        auc = None
+        if 0 < positives.sum() < len(y_true):
+            auc = float(roc_auc_score(positives, proba[:, k]))
+            aucs.append(auc)
+        per_class[name] = {"precision": float(precision[k]), "recall": float(recall[k]), "f1": float(f1[k]),
+                           "support": int(support[k]), "roc_auc": auc}
+    return {
+        "accuracy": float(accuracy_score(y_true, y_pred)),
+        "macro_precision": float(macro_p),
+        "macro_recall": float(macro_r),
+        "macro_f1": float(macro_f1),
+        "roc_auc": float(np.mean(aucs)) if aucs else None,
+        "roc_auc_classes": len(aucs),
+        "per_class": per_class,
+        "confusion_matrix": confusion_matrix(y_true, y_pred, labels=labels).tolist(),
+    }
+
+
+# --------------------------------------------------------------------------- segmentation
+
+def dice_hd95(truth: np.ndarray, prediction: np.ndarray) -> tuple[float, float | None]:
+    """MedPy Dice and HD95 (pixels) of two binary arrays, with the empty cases made explicit.
+
+    Both empty: a perfect answer (Dice 1, HD95 0). One empty: Dice 0 and HD95 undefined (None),
+    since there is no surface to measure a distance to; MedPy would raise or return 0 there.
+    """
+    from medpy.metric.binary import dc, hd95
+
+    truth, prediction = truth.astype(bool), prediction.astype(bool)
+    has_truth, has_prediction = truth.any(), prediction.any()
+    if not has_truth and not has_prediction:
+        return 1.0, 0.0
+    if not has_truth or not has_prediction:
+        return 0.0, None
+    return float(dc(prediction, truth)), float(hd95(prediction, truth))
+
+
+def _mean(values) -> float | None:
+    values = [v for v in values if v is not None]
+    return float(np.mean(values)) if values else None
+
+
+def segmentation_metrics(masks: np.ndarray, proba: np.ndarray, patient_ids: list, image_ids: list,
+                         threshold: float = 0.5) -> dict:
+    """Dice and HD95 per patient (slices stacked into a volume) and over tumour slices.
+
+    ``dice``/``hd95``: means over patients (HD95 over the patients where it is defined);
+    ``dice_tumour_slices``/``hd95_tumour_slices``: means over test slices whose truth has tumour.
+    Images without a patient id are their own patient.
+    """
+    truth = np.asarray(masks)[..., 0] > 0
+    prediction = np.asarray(proba)[..., 0] > threshold
+    groups = [p if p is not None and not (isinstance(p, float) and math.isnan(p)) else i
+              for p, i in zip(patient_ids, image_ids)]
+    per_patient = {}
+    for patient in dict.fromkeys(groups):  # first-seen order
+        rows = [i for i, g in enumerate(groups) if g == patient]
+        # (slices, H, W) volume: HD95 measures distances across neighbouring slices too.
+        dice, hd = dice_hd95(truth[rows], prediction[rows])
+        per_patient[str(patient)] = {"dice": dice, "hd95": hd, "slices": len(rows),
+                                     "tumour_slices": int(truth[rows].any(axis=(1, 2)).sum())}
+    tumour = [i for i in range(len(truth)) if truth[i].any()]
+    slice_scores = [dice_hd95(truth[i], prediction[i]) for i in tumour]
+    return {
+        "dice": _mean(p["dice"] for p in per_patient.values()),
+        "hd95": _mean(p["hd95"] for p in per_patient.values()),
+        "dice_tumour_slices": _mean(d for d, _ in slice_scores),
+        "hd95_tumour_slices": _mean(h for _, h in slice_scores),
+        "tumour_slices": len(tumour),
+        "missed_tumour_slices": sum(1 for i in tumour if not prediction[i].any()),
+        "false_positive_slices": int(sum(1 for i in range(len(truth)) if not truth[i].any() and prediction[i].any())),
+        "per_patient": per_patient,
+    }
+
+
+# --------------------------------------------------------------------------- plots
+
+def _figure(width: float, height: float):
+    from matplotlib.figure import Figure  # no pyplot: no global backend state
+
+    return Figure(figsize=(width, height), layout="constrained")
+
+
+def _save(fig, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    return path
+
+
+def plot_confusion_matrix(matrix: list[list[int]], classes: list[str], title: str, path: Path) -> Path:
+    matrix = np.asarray(matrix)
+    fig = _figure(1.6 + 1.1 * len(classes), 1.2 + 1.0 * len(classes))
+    ax = fig.subplots()
+    rows = matrix.sum(axis=1, keepdims=True)
+    shares = np.divide(matrix, rows, out=np.zeros(matrix.shape), where=rows > 0)
+    image = ax.imshow(shares, cmap="Blues", vmin=0, vmax=1)
+    for (i, j), count in np.ndenumerate(matrix):
+        ax.text(j, i, f"{count}\n{shares[i, j]:.0%}", ha="center", va="center", fontsize=8,
+                color="white" if shares[i, j] > 0.5 else "black")
+    ax.set_xticks(range(len(classes)), classes, rotation=30, ha="right")
+    ax.set_yticks(range(len(classes)), classes)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title, fontsize=9)
+    fig.colorbar(image, ax=ax, label="share of true class")
+    return _save(fig, path)
+
+
+def plot_roc(y_true: np.ndarray, proba: np.ndarray, classes: list[str], title: str, path: Path) -> Path:
+    from sklearn.metrics import auc, roc_curve
+
+    fig = _figure(5, 4.5)
+    ax = fig.subplots()
+    for k, name in enumerate(classes):
+        positives = y_true == k
+        if 0 < positives.sum() < len(y_true):
+            fpr, tpr, _ = roc_curve(positives, proba[:, k])
+            ax.plot(fpr, tpr, label=f"{name} (AUC {auc(fpr, tpr):.3f})")
+    ax.plot([0, 1], [0, 1], "k:", linewidth=0.8)
+    ax.set_xlabel("false positive rate")
+    ax.set_ylabel("true positive rate")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8, loc="lower right")
+    return _save(fig, path)
+
+
+def plot_history(history: dict[str, list[float]], title: str, path: Path) -> Path | None:
+    """Loss and the task metric, train vs val, per epoch (or round)."""
+    panels = [k for k in ("loss", "accuracy", "dice") if k in history or f"val_{k}" in history]
+    if not panels:
+        return None
+    fig = _figure(4.2 * len(panels), 3.6)
+    axes = np.atleast_1d(fig.subplots(1, len(panels)))
+    for ax, key in zip(axes, panels):
+        for name, style in ((key, "-"), (f"val_{key}", "--")):
+            if name in history:
+                ax.plot(range(1, len(history[name]) + 1), history[name], style, label=name)
+        ax.set_xlabel("epoch / round")
+        ax.set_title(key)
+        ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=9)
+    return _save(fig, path)
+
+
+def plot_overlays(split: Split, proba: np.ndarray, threshold: float, count: int, title: str, path: Path) -> Path | None:
+    """Test slices with tumour: truth outlined in green, prediction in red (largest tumours first)."""
+    areas = split.masks[..., 0].sum(axis=(1, 2))
+    picks = [i for i in np.argsort(-areas, kind="stable") if areas[i] > 0][:count]
+    if not picks:
+        return None
+    fig = _figure(2.4 * len(picks), 2.8)
+    axes = np.atleast_1d(fig.subplots(1, len(picks)))
+    for ax, i in zip(axes, picks):
+        image = split.images[i]
+        # FLAIR is the middle channel of the TCGA/LGG layout; otherwise show the first channel.
+        ax.imshow(image[..., 1 if image.shape[-1] == 3 else 0], cmap="gray")
+        ax.contour(split.masks[i, ..., 0], levels=[0.5], colors="lime", linewidths=0.8)
+        if (proba[i, ..., 0] > threshold).any():
+            ax.contour(proba[i, ..., 0], levels=[threshold], colors="red", linewidths=0.8)
+        ax.set_title(str(split.image_ids[i])[-24:], fontsize=7)
+        ax.axis("off")
+    fig.suptitle(f"{title}: truth green, prediction red", fontsize=9)
+    return _save(fig, path)
+
+
+# --------------------------------------------------------------------------- models
+
+def discover(models: Path) -> list[Path]:
+    """Every saved model under ``models`` (skipping half-written temp files)."""
+    models = Path(models)
+    if not models.is_dir():
+        raise InputError(f"{models}: no models folder; run train-centralized (or train-federated) first")
+    found = sorted(p for p in models.rglob("*.keras") if not p.name.startswith("."))
+    if not found:
+        raise InputError(f"{models}: no *.keras models found; run train-centralized (or train-federated) first")
+    return found
+
+
+def describe(path: Path, models: Path, model, card: dict) -> dict:
+    """What a model is: from its card, else from where it lives and its output shape."""
+    relative = path.relative_to(models).with_suffix("")
+    parts = relative.parts
+    training = card.get("training") or (parts[0] if len(parts) > 1 else "unknown")
+    privacy = card.get("privacy") or (parts[1] if training == "federated" and len(parts) > 2 else "none")
+    task = card.get("task") or ("segmentation" if len(model.output_shape) == 4 else "classification")
+    history = card.get("history")
+    if history is None and (path.parent / "history.json").is_file():
+        history = json.loads((path.parent / "history.json").read_text()).get(path.stem)
+    return {"run": relative.as_posix(), "training": training, "privacy": privacy, "task": task,
+            "model": card.get("model") or model.name, "epsilon": card.get("epsilon"),
+            "run_id": card.get("run_id"), "train_time_s": card.get("train_time_s"), "history": history}
+
+
+def _clean(value):
+    """JSON-safe: NaN/inf -> None, numpy scalars -> Python."""
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    if isinstance(value, (np.floating, float)):
+        return None if not math.isfinite(float(value)) else float(value)
+    if isinstance(value, np.integer):
+        return int(value)
+    return value
+
+
+def _write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def comparison_markdown(table: pd.DataFrame) -> str:
+    def cell(value):
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            return ""
+        return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+    columns = [c for c in table.columns if c != "run_id"]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(row[c]) for c in columns) + " |" for _, row in table.iterrows()]
+    return ("# Test-set comparison\n\nEvery model on the same held-out test split "
+            "(`fedbrain evaluate`). HD95 in pixels of the preprocessed images.\n\n" + "\n".join(lines) + "\n")
+
+
+def evaluate_model(path: Path, models: Path, test: Split, classes: list[str], settings: dict, plots: Path) -> dict:
+    import tensorflow as tf
+
+    from fedbrain.train import load_card
+
+    try:
+        model = tf.keras.models.load_model(path, compile=False)
+    except Exception as exc:  # corrupt or foreign files fail in many ways
+        raise InputError(f"{path}: cannot load model ({type(exc).__name__}: {exc}); retrain it or remove it") from exc
+    info = describe(path, models, model, load_card(path))
+    expected = tuple(model.input_shape[1:])
+    if expected != tuple(test.images.shape[1:]):
+        raise InputError(f"{path}: expects inputs {expected}, the test split has {tuple(test.images.shape[1:])}; "
+                         "it was trained on other preprocessing: retrain it")
+    proba = model.predict(test.images, batch_size=settings["batch_size"], verbose=0)
+    run_plots = plots / info["run"]
+    title = f"{info['run']} ({info['model']})"
+    artifacts = []
+    if info["task"] == "classification":
+        if proba.shape[-1] != len(classes):
+            raise InputError(f"{path}: has {proba.shape[-1]} outputs, the dataset {len(classes)} classes; retrain it")
+        metrics = classification_metrics(test.labels, proba, classes)
+        artifacts.append(plot_confusion_matrix(metrics["confusion_matrix"], classes, title,
+                                               run_plots / "confusion_matrix.png"))
+        artifacts.append(plot_roc(test.labels, proba, classes, title, run_plots / "roc.png"))
+    else:
+        if test.masks is None:
+            raise InputError(f"{path}: is a segmenter but the test split has no masks (classes.json has_masks false)")
+        metrics = segmentation_metrics(test.masks, proba, test.patient_ids, test.image_ids, settings["threshold"])
+        artifacts.append(plot_overlays(test, proba, settings["threshold"], settings["overlays"], title,
+                                       run_plots / "overlays.png"))
+    if info["history"]:
+        artifacts.append(plot_history(info["history"], title, run_plots / "training_curves.png"))
+    return {"info": info, "metrics": _clean(metrics), "artifacts": [a for a in artifacts if a is not None]}
+
+
+def run(params: dict, processed: Path, partition: Path, models: Path, out: Path) -> pd.DataFrame:
+    sec = params.get("evaluate") or {}
+    settings = {"threshold": get(sec, "threshold", float, "evaluate", default=0.5),
+                "overlays": get(sec, "overlays", int, "evaluate", default=6),
+                "batch_size": get(sec, "batch_size", int, "evaluate", default=64),
+                "log_mlflow": get(sec, "log_mlflow", bool, "evaluate", default=True)}
+    processed, partition, models, out = Path(processed), Path(partition), Path(models), Path(out)
+    classes = list(load_classes(processed)["classes"])
+    test = load_split(processed, partition, "test")
+    if len(test) == 0:
+        raise InputError(f"{partition}: the test split is empty; raise partition.test_fraction")
+    results = [evaluate_model(path, models, test, classes, settings, out / "plots") for path in discover(models)]
+
+    scalars, details, rows = {}, {}, []
+    for result in results:
+        info, metrics = result["info"], result["metrics"]
+        flat = {f"test_{k}": v for k, v in metrics.items() if isinstance(v, (int, float)) or v is None}
+        scalars[info["run"]] = {k: v for k, v in flat.items() if v is not None}
+        details[info["run"]] = {**{k: v for k, v in info.items() if k != "history"}, "metrics": metrics}
+        rows.append({"run": info["run"], "training": info["training"], "model": info["model"], "task": info["task"],
+                     "privacy": info["privacy"], "epsilon": info["epsilon"],
+                     "accuracy": metrics.get("accuracy"), "macro_f1": metrics.get("macro_f1"),
+                     "roc_auc": metrics.get("roc_auc"), "dice": metrics.get("dice"), "hd95": metrics.get("hd95"),
+                     "dice_tumour_slices": metrics.get("dice_tumour_slices"), "test_images": len(test),
+                     "train_time_s": info["train_time_s"], "run_id": info["run_id"]})
+    table = pd.DataFrame(rows, columns=COMPARISON_COLUMNS)
+    _write_text(out / "metrics.json", json.dumps(scalars, indent=2) + "\n")
+    _write_text(out / "evaluation.json", json.dumps(_clean(details), indent=2) + "\n")
+    _write_text(out / "comparison.md", comparison_markdown(table))
+    tmp = out / ".comparison.csv.tmp"
+    table.to_csv(tmp, index=False)
+    os.replace(tmp, out / "comparison.csv")
+
+    if settings["log_mlflow"]:
+        from fedbrain import tracking
+
+        for result in results:
+            info = result["info"]
+            tags = {"task": info["task"], "model": info["model"], "training": info["training"],
+                    "privacy": str(info["privacy"])}
+            tracking.log_to_run(params, info["run_id"], f"evaluate-{info['run']}", tags,
+                                scalars[info["run"]], result["artifacts"] + [out / "metrics.json"])
+    print(f"evaluate: {len(results)} model(s) on {len(test)} test images -> {out / 'comparison.md'}")
+    print(comparison_markdown(table).split("\n\n", 2)[-1])
+    return table

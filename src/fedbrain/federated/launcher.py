@@ -1,0 +1,581 @@
+"""Flower's Deployment Engine on this machine: a SuperLink, one SuperNode per hospital, `flwr run`.
+
+`run()` is the `train-federated` stage. It starts `flower-superlink` and one `flower-supernode`
+per hospital as separate processes on loopback, registers each SuperNode's public key, submits
+the app in `fedbrain/federated/app` and streams the ServerApp's log as it arrives (through the
+SuperLink's Control API, as `flwr supernode register` and `flwr run --stream` do; see
+`control.py`), and stops every process it started when the run ends, fails or is interrupted.
+
+Secure by default: TLS on every connection (a private CA and a SuperLink certificate) and
+SuperNode authentication (the SuperLink admits only registered keys), all made on first use by
+`fedbrain.federated.certificates`. `insecure=True` turns both off and prints a warning.
+
+Each process runs in its own session, so stopping it means stopping its process group: the
+SuperLink and SuperNodes start `flower-superexec`, which starts a `flwr-serverapp` or
+`flwr-clientapp` per run or message, and killing only the parent would leave those behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import psutil
+import tomli
+import tomli_w
+
+from fedbrain.config import get, section
+from fedbrain.dataset import load_classes
+from fedbrain.errors import InputError
+from fedbrain.federated.certificates import Pki, ensure_pki, ensure_supernode_key
+from fedbrain.federated.control import Control
+
+APP_TEMPLATE = Path(__file__).parent / "app" / "pyproject.toml"
+FEDERATION = "local"
+LOOPBACK = "127.0.0.1"
+# How long a process gets to exit after SIGTERM before its whole group is killed.
+STOP_GRACE_S = 5.0
+READY_TIMEOUT_S = 60.0
+
+INSECURE_WARNING = ("WARNING: --insecure: TLS and SuperNode authentication are OFF. Model updates "
+                    "travel in clear text and any process that reaches the SuperLink can join the "
+                    "federation. Use this only for debugging on a trusted machine.")
+
+
+# --- settings ----------------------------------------------------------------------------------
+
+ROLES = ("classifier", "segmenter")
+
+
+@dataclass(frozen=True)
+class FederatedSettings:
+    """The `federated:` section of params.yaml (see the comments there)."""
+
+    roles: tuple[str, ...] = ("auto",)
+    rounds: int = 10
+    local_epochs: int = 5
+    fraction_train: float = 1.0
+    fraction_evaluate: float = 1.0
+    min_train_nodes: int = 2
+    min_evaluate_nodes: int = 2
+    min_available_nodes: int = 2
+    round_timeout: float = 3600.0
+    node_wait_timeout: float = 600.0
+    state_dir: str = ".fedbrain"
+    train: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_params(cls, params: dict) -> FederatedSettings:
+        sec, where = section(params, "federated"), "federated"
+        d = cls()
+        roles = get(sec, "roles", (str, list), where, default="auto")
+        roles = tuple([roles] if isinstance(roles, str) else roles)
+        for role in roles:
+            if role not in ("auto", *ROLES):
+                raise InputError(f"params.yaml: 'federated.roles' has {role!r}; use auto, classifier or segmenter")
+        settings = cls(
+            roles=roles,
+            rounds=get(sec, "rounds", int, where),
+            local_epochs=get(sec, "local_epochs", int, where),
+            fraction_train=get(sec, "fraction_train", float, where, default=d.fraction_train),
+            fraction_evaluate=get(sec, "fraction_evaluate", float, where, default=d.fraction_evaluate),
+            min_train_nodes=get(sec, "min_train_nodes", int, where, default=d.min_train_nodes),
+            min_evaluate_nodes=get(sec, "min_evaluate_nodes", int, where, default=d.min_evaluate_nodes),
+            min_available_nodes=get(sec, "min_available_nodes", int, where, default=d.min_available_nodes),
+            round_timeout=get(sec, "round_timeout", float, where, default=d.round_timeout),
+            node_wait_timeout=get(sec, "node_wait_timeout", float, where, default=d.node_wait_timeout),
+            state_dir=get(sec, "state_dir", str, where, default=d.state_dir),
+            train=get(sec, "train", dict, where, default={}) or {},
+        )
+        settings.check()
+        return settings
+
+    def check(self) -> None:
+        for key in ("rounds", "local_epochs", "min_train_nodes", "min_available_nodes"):
+            if getattr(self, key) < 1:
+                raise InputError(f"params.yaml: 'federated.{key}' is {getattr(self, key)}; use 1 or more")
+        for key in ("fraction_train", "fraction_evaluate"):
+            if not 0.0 <= getattr(self, key) <= 1.0:
+                raise InputError(f"params.yaml: 'federated.{key}' is {getattr(self, key)}; use a fraction in [0, 1]")
+
+    def resolve_roles(self, processed: Path) -> list[str]:
+        """'auto': the classifier, and the segmenter too when the data has masks (as centralized)."""
+        has_masks = bool(load_classes(processed).get("has_masks"))
+        roles: list[str] = []
+        for role in self.roles:
+            wanted = (["classifier", "segmenter"] if has_masks else ["classifier"]) if role == "auto" else [role]
+            roles += [r for r in wanted if r not in roles]
+        if "segmenter" in roles and not has_masks:
+            raise InputError(f"{processed}: no masks.npy, so federated.roles cannot include segmenter; "
+                             f"use classifier or a dataset with masks")
+        return roles
+
+    def hospital_training(self, params: dict, role: str) -> dict:
+        """What each hospital passes to fedbrain.train.fit: train.<role>, then federated.train on top."""
+        base = section(section(params, "train"), role)
+        return {**base, **self.train}
+
+
+def hospitals_in(partition: Path) -> list[int]:
+    """Hospital numbers that have a folder in the partition (hospital_<k>/index.parquet)."""
+    ks = sorted(int(p.parent.name.split("_", 1)[1]) for p in partition.glob("hospital_*/index.parquet"))
+    if not ks:
+        raise InputError(f"{partition}: no hospital_<k>/index.parquet; run the partition stage first "
+                         f"(dvc repro partition)")
+    return ks
+
+
+def absolute_uri(uri: str) -> str:
+    """A local MLflow store made absolute: the ServerApp runs in another working directory."""
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        return "sqlite:///" + str(Path(uri[len("sqlite:///"):]).resolve())
+    if uri.startswith("file:") and not uri.startswith("file:///"):
+        return Path(uri[len("file:"):]).resolve().as_uri()
+    if "://" not in uri and ":" not in uri:
+        return Path(uri).resolve().as_uri()
+    return uri
+
+
+def tracking_params(params: dict) -> dict:
+    """params with the MLflow store and artifact location absolute, the experiment created here."""
+    from fedbrain import tracking
+
+    params = json.loads(json.dumps(params))
+    mlflow_section = params.setdefault("mlflow", {})
+    mlflow_section["tracking_uri"] = absolute_uri(tracking.tracking_uri(params))
+    location = mlflow_section.get("artifact_location")
+    if location and "://" not in str(location):
+        mlflow_section["artifact_location"] = str(Path(location).resolve())
+    # Created from the project root, so MLflow's default artifact root is not the run's folder.
+    tracking.configure(params)
+    return params
+
+
+# --- processes ---------------------------------------------------------------------------------
+
+def free_port() -> int:
+    """A loopback port nobody listens on right now (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((LOOPBACK, 0))
+        return sock.getsockname()[1]
+
+
+def wait_for_port(port: int, proc: subprocess.Popen, what: str, log_path: Path,
+                  timeout: float = READY_TIMEOUT_S) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with code {proc.returncode} while starting; see {log_path}")
+        try:
+            with socket.create_connection((LOOPBACK, port), timeout=1.0):
+                return
+        except OSError:
+            time.sleep(0.2)
+    raise RuntimeError(f"{what} did not listen on {LOOPBACK}:{port} within {timeout:.0f} s; see {log_path}")
+
+
+def _process_tree(pid: int) -> list[psutil.Process]:
+    try:
+        parent = psutil.Process(pid)
+        return [parent, *parent.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+
+
+def stop_process_groups(procs: list[subprocess.Popen], sig: int = signal.SIGTERM,
+                        grace: float = STOP_GRACE_S) -> None:
+    """Stop processes started in their own sessions, and everything they started.
+
+    Descendants are collected first (one that started its own session would escape the group
+    signal), then every group gets `sig` at once, and SIGKILL whatever is left after `grace`.
+    """
+    tree = [p for proc in procs for p in _process_tree(proc.pid)]
+
+    def signal_all(signum: int, targets: list[psutil.Process]) -> None:
+        for proc in procs:
+            try:
+                os.killpg(proc.pid, signum)
+            except (ProcessLookupError, PermissionError):
+                pass
+        for p in targets:
+            try:
+                p.send_signal(signum)
+            except psutil.NoSuchProcess:
+                pass
+
+    signal_all(sig, tree)
+    _, alive = psutil.wait_procs(tree, timeout=grace)
+    if alive:
+        signal_all(signal.SIGKILL, alive)
+        psutil.wait_procs(alive, timeout=grace)
+    for proc in procs:
+        try:
+            proc.wait(timeout=grace)  # reap our direct children
+        except subprocess.TimeoutExpired:
+            pass
+
+
+def stop_process_group(proc: subprocess.Popen, sig: int = signal.SIGTERM, grace: float = STOP_GRACE_S) -> None:
+    stop_process_groups([proc], sig, grace)
+
+
+@dataclass
+class Started:
+    name: str
+    proc: subprocess.Popen
+    log_path: Path
+    # Every process of its tree seen so far: psutil.Process refuses to signal a reused pid.
+    tree: dict[int, psutil.Process] = field(default_factory=dict)
+
+
+class Federation:
+    """A SuperLink and its SuperNodes as local processes; `close()` stops all of them.
+
+    Usable as a context manager. Tests use the same object to start a SuperNode late, kill one
+    mid-run, or connect one without its key or without the CA certificate.
+    """
+
+    def __init__(self, workdir: Path, pki: Pki | None, echo: Callable[[str], None] = print,
+                 env: dict[str, str] | None = None):
+        self.workdir = Path(workdir).resolve()
+        self.pki = pki
+        self.secure = pki is not None
+        self.echo = echo
+        self.logs = self.workdir / "logs"
+        self.flwr_home = self.workdir / "flwr_home"
+        self.app_dir = self.workdir / "app"
+        for path in (self.logs, self.flwr_home, self.app_dir):
+            path.mkdir(parents=True, exist_ok=True)
+        self.ports = {"fleet": free_port(), "control": free_port(), "serverappio": free_port()}
+        self.superlink: Started | None = None
+        self.control: Control | None = None
+        self.supernodes: dict[str, Started] = {}
+        self.env = self._environment(env)
+
+    # environment shared by every process of the federation
+    def _environment(self, extra: dict[str, str] | None) -> dict[str, str]:
+        env = dict(os.environ)
+        bin_dir = str(Path(sys.executable).parent)
+        # The SuperLink/SuperNode start `flower-superexec`, `flwr-serverapp`, `flwr-clientapp` by
+        # name: they must come from this environment, whatever the caller's PATH says.
+        env["PATH"] = os.pathsep.join([bin_dir, env.get("PATH", "")])
+        env["FLWR_HOME"] = str(self.flwr_home)  # installed app bundles stay inside the run's folder
+        env["FLWR_TELEMETRY_ENABLED"] = "0"
+        env["PYTHONUNBUFFERED"] = "1"
+        env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        env.update(extra or {})
+        return env
+
+    def __enter__(self) -> Federation:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @property
+    def control_address(self) -> str:
+        return f"{LOOPBACK}:{self.ports['control']}"
+
+    @property
+    def fleet_address(self) -> str:
+        return f"{LOOPBACK}:{self.ports['fleet']}"
+
+    def _spawn(self, name: str, cmd: list[str]) -> Started:
+        log_path = self.logs / f"{name}.log"
+        handle = log_path.open("ab")
+        # start_new_session: own process group, so stop_process_group reaches its children too;
+        # it also keeps a terminal's Ctrl-C from reaching them before the launcher cleans up.
+        proc = subprocess.Popen(cmd, cwd=self.workdir, env=self.env, stdout=handle,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+        handle.close()
+        return Started(name, proc, log_path)
+
+    # --- SuperLink -----------------------------------------------------------------------------
+    def start_superlink(self) -> None:
+        cmd = ["flower-superlink",
+               "--fleet-api-address", self.fleet_address,
+               "--control-api-address", self.control_address,
+               "--serverappio-api-address", f"{LOOPBACK}:{self.ports['serverappio']}",
+               "--flwr-dir", str(self.flwr_home)]
+        if self.secure:
+            cmd += ["--ssl-ca-certfile", str(self.pki.ca_cert), "--ssl-certfile", str(self.pki.server_cert),
+                    "--ssl-keyfile", str(self.pki.server_key), "--enable-supernode-auth"]
+        else:
+            cmd += ["--insecure"]
+        self.superlink = self._spawn("superlink", cmd)
+        for api in ("fleet", "control", "serverappio"):
+            wait_for_port(self.ports[api], self.superlink.proc, f"flower-superlink ({api} API)",
+                          self.superlink.log_path)
+        self.write_app()
+        self.control = Control(self.control_address, self.pki.ca_cert if self.secure else None)
+
+    def write_app(self) -> Path:
+        """The app folder: the template plus this federation's address and CA, so that the `flwr`
+        CLI also works against the running federation (e.g. `flwr ls <workdir>/app`)."""
+        config = tomli.loads(APP_TEMPLATE.read_text())
+        federation: dict = {"address": self.control_address}
+        if self.secure:
+            federation["root-certificates"] = str(self.pki.ca_cert)
+        else:
+            federation["insecure"] = True
+        config["tool"]["flwr"]["federations"] = {"default": FEDERATION, FEDERATION: federation}
+        (self.app_dir / "pyproject.toml").write_text(tomli_w.dumps(config))
+        # A bundle needs a file besides pyproject.toml (flwr 1.23 rejects an empty CONTENT list).
+        shutil.copyfile(APP_TEMPLATE.with_name("README.md"), self.app_dir / "README.md")
+        return self.app_dir
+
+    # --- SuperNodes ----------------------------------------------------------------------------
+    def register(self, name: str) -> int:
+        """Add a SuperNode's public key to the SuperLink's allow list: its node id."""
+        _, public = ensure_supernode_key(self.pki, name)
+        return self.control.register_node(public)
+
+    def start_supernode(self, hospital: int, *, name: str | None = None, register: bool = True,
+                        hospitals: int | None = None, ca_cert: Path | None | str = "default",
+                        auth_key: bool = True) -> Started:
+        """Start the SuperNode of `hospital` (node config partition-id=<hospital>).
+
+        `register=False` skips registering its public key (done already, or, to test the security
+        boundary, never); `ca_cert=None` starts it without the federation's CA certificate.
+        """
+        name = name or f"hospital_{hospital}"
+        node_config = f"partition-id={hospital} hospital-name=\"{name}\""
+        if hospitals is not None:
+            node_config += f" num-partitions={hospitals}"
+        cmd = ["flower-supernode", "--superlink", self.fleet_address,
+               "--clientappio-api-address", f"{LOOPBACK}:{free_port()}",
+               "--node-config", node_config]  # its app bundles go to FLWR_HOME (the run's folder)
+        if self.secure:
+            private, _ = ensure_supernode_key(self.pki, name)
+            if register:
+                self.register(name)
+            cert = self.pki.ca_cert if ca_cert == "default" else ca_cert
+            if cert is not None:
+                cmd += ["--root-certificates", str(cert)]
+            if auth_key:
+                cmd += ["--auth-supernode-private-key", str(private)]
+        else:
+            cmd += ["--insecure"]
+        started = self._spawn(f"supernode_{name}", cmd)
+        self.supernodes[name] = started
+        return started
+
+    def start_supernodes(self, hospitals: list[int]) -> None:
+        """One SuperNode per hospital, each key registered first."""
+        if self.secure:
+            for k in hospitals:
+                self.register(f"hospital_{k}")
+        for k in hospitals:
+            self.start_supernode(k, register=False, hospitals=len(hospitals))
+
+    def kill_supernode(self, name: str, sig: int = signal.SIGKILL) -> None:
+        """Stop one SuperNode and its ClientApps (SIGKILL: a crash, no goodbye to the SuperLink)."""
+        stop_process_group(self.supernodes[name].proc, sig=sig, grace=STOP_GRACE_S)
+
+    # --- runs ----------------------------------------------------------------------------------
+    def submit(self, run_config: dict, on_line: Callable[[str], None] | None = None) -> RunHandle:
+        """Start a run of the app with these run-config overrides; its log streams to `on_line`."""
+        (self.workdir / "run_config.toml").write_text(tomli_w.dumps(run_config))  # for the record
+        run_id = self.control.start_run(self.app_dir, run_config)
+        handle = RunHandle(self, run_id, on_line or self.echo)
+        handle.start()
+        return handle
+
+    def run_status(self, run_id: int) -> str:
+        """'finished:completed', 'finished:failed', 'running', ..."""
+        return self.control.status(run_id)
+
+    def nodes(self) -> list[dict]:
+        """The SuperLink's registered SuperNodes with their status (registered, online, offline)."""
+        return self.control.nodes()
+
+    def pids(self) -> set[int]:
+        """Every live process this federation started, with their descendants."""
+        pids: set[int] = set()
+        for started in self.all_started():
+            for proc in _process_tree(started.proc.pid):
+                started.tree.setdefault(proc.pid, proc)
+                pids.add(proc.pid)
+        return pids
+
+    def all_started(self) -> list[Started]:
+        return [s for s in (self.superlink, *self.supernodes.values()) if s is not None]
+
+    def close(self) -> None:
+        """Stop every process group this federation started, and anything left of their trees."""
+        if self.control is not None:
+            self.control.close()
+        started = self.all_started()
+        self.pids()  # remember every descendant before the parents go
+        stop_process_groups([s.proc for s in started])
+        leftovers = []
+        for proc in (p for s in started for p in s.tree.values()):
+            try:
+                if proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE:
+                    proc.kill()
+                    leftovers.append(proc)
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(leftovers, timeout=STOP_GRACE_S)
+
+
+class RunHandle:
+    """A submitted run: its id, its streamed ServerApp log (also in logs/serverapp_<id>.log), its end."""
+
+    def __init__(self, federation: Federation, run_id: int, on_line: Callable[[str], None]):
+        self.federation = federation
+        self.run_id = run_id
+        self.on_line = on_line
+        self.lines: list[str] = []
+        self.log_path = federation.logs / f"serverapp_{run_id}.log"
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._pump, name=f"run-{run_id}-log", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _pump(self) -> None:
+        with self.log_path.open("a") as log_file:
+            def line(text: str) -> None:
+                self.lines.append(text)
+                log_file.write(text + "\n")
+                log_file.flush()
+                self.on_line(text)
+            try:
+                self.federation.control.stream_logs(self.run_id, line)
+            except BaseException as exc:  # reported by wait(), not lost in this thread
+                self.error = exc
+
+    def wait(self, poll: float = 1.0) -> str:
+        """Block until the run ends: its final status ('finished:completed', ...)."""
+        # join() with a timeout, so a signal (Ctrl-C, SIGTERM) reaches the main thread promptly.
+        while self._thread.is_alive():
+            self._thread.join(timeout=0.5)
+        status = self.federation.run_status(self.run_id)
+        while not status.startswith("finished"):  # the stream broke off: ask until it ends
+            time.sleep(poll)
+            status = self.federation.run_status(self.run_id)
+        return status
+
+
+# --- the stage ---------------------------------------------------------------------------------
+
+def run_config(settings: FederatedSettings, params: dict, role: str, processed: Path, partition: Path,
+               out: Path, *, resume: bool, secure: bool) -> dict:
+    """One role's run settings as the app's run-config keys (see app/pyproject.toml)."""
+    return {
+        "processed": str(processed.resolve()),
+        "partition": str(partition.resolve()),
+        "out": str(out.resolve()),
+        "role": role,
+        "rounds": settings.rounds,
+        "local-epochs": settings.local_epochs,
+        "seed": get(section(params, "train"), "seed", int, "train", default=42),
+        "train-params": json.dumps(settings.hospital_training(params, role)),
+        "params": json.dumps(params),
+        "fraction-train": settings.fraction_train,
+        "fraction-evaluate": settings.fraction_evaluate,
+        "min-train-nodes": settings.min_train_nodes,
+        "min-evaluate-nodes": settings.min_evaluate_nodes,
+        "min-available-nodes": settings.min_available_nodes,
+        "round-timeout": settings.round_timeout,
+        "node-wait-timeout": settings.node_wait_timeout,
+        "resume": resume,
+        "run-name": f"federated-{out.name}-{role}",
+        "secure": secure,
+    }
+
+
+def _raise_on_sigterm():
+    """Turn SIGTERM (e.g. `dvc repro` being stopped) into KeyboardInterrupt so cleanup runs."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    return signal.signal(signal.SIGTERM, handler)
+
+
+def prepare(params: dict, processed: Path, partition: Path, out: Path, resume: bool
+            ) -> tuple[FederatedSettings, list[str], list[int]]:
+    """Check everything a run needs before starting any process."""
+    settings = FederatedSettings.from_params(params)
+    roles = settings.resolve_roles(processed)
+    for role in roles:
+        settings.hospital_training(params, role)  # train.<role> must exist
+    hospitals = hospitals_in(partition)
+    if len(hospitals) < settings.min_available_nodes:
+        raise InputError(f"{partition}: {len(hospitals)} hospital(s) but federated.min_available_nodes is "
+                         f"{settings.min_available_nodes}; lower it or partition into more hospitals")
+    if resume and not any((out / "checkpoints").glob("*/state.json")):
+        raise InputError(f"{out}: no saved round to resume from; run without --resume")
+    return settings, roles, hospitals
+
+
+def run(params: dict, processed: Path, partition: Path, out: Path, resume: bool = False,
+        insecure: bool = False, echo: Callable[[str], None] = print) -> dict:
+    """The train-federated stage: FedAvg over the partition's hospitals -> `out`.
+
+    Per role (classifier, and segmenter when the data has masks): `out/checkpoints/<role>/`
+    every round, then `out/<role>.keras` with its card; `out/history.json` for all roles.
+    Returns {role: history}.
+    """
+    processed, partition, out = Path(processed), Path(partition), Path(out)
+    settings, roles, hospitals = prepare(params, processed, partition, out, resume)
+    state = Path(settings.state_dir)
+    workdir = state / "federation" / out.name
+    shutil.rmtree(workdir, ignore_errors=True)  # the previous run's logs and app bundles
+    if insecure:
+        echo(INSECURE_WARNING)
+    pki = None if insecure else ensure_pki(state / "pki")
+    out.mkdir(parents=True, exist_ok=True)
+    if not resume:
+        (out / "history.json").unlink(missing_ok=True)
+    params = tracking_params(params)
+
+    previous = _raise_on_sigterm()
+    federation = Federation(workdir, pki, echo=echo,
+                            env={"MLFLOW_TRACKING_URI": params["mlflow"]["tracking_uri"]})
+    statuses = {}
+    try:
+        echo(f"federation: SuperLink on {federation.fleet_address} (TLS and SuperNode authentication "
+             f"{'off' if insecure else 'on'}), hospitals {hospitals}, {settings.rounds} rounds of "
+             f"{settings.local_epochs} local epochs, roles {roles}; logs in {federation.logs}")
+        clock = time.perf_counter()
+        federation.start_superlink()
+        echo(f"federation: SuperLink ready ({time.perf_counter() - clock:.1f} s)")
+        clock = time.perf_counter()
+        federation.start_supernodes(hospitals)
+        echo(f"federation: {len(hospitals)} SuperNodes {'registered and ' if pki else ''}started "
+             f"({time.perf_counter() - clock:.1f} s)")
+        for role in roles:
+            config = run_config(settings, params, role, processed, partition, out,
+                                resume=resume and (out / "checkpoints" / role / "state.json").is_file(),
+                                secure=not insecure)
+            clock = time.perf_counter()
+            handle = federation.submit(config)
+            statuses[role] = status = handle.wait()
+            echo(f"federation: {role} run {handle.run_id} {status} ({time.perf_counter() - clock:.1f} s)")
+            if status != "finished:completed":
+                raise RuntimeError(f"federated {role} run {handle.run_id} ended as {status}; its ServerApp "
+                                   f"log is in {handle.log_path}")
+    finally:
+        clock = time.perf_counter()
+        federation.close()
+        echo(f"federation: every process stopped ({time.perf_counter() - clock:.1f} s)")
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+    history = json.loads((out / "history.json").read_text())
+    echo(f"federation: {', '.join(f'{r} {s}' for r, s in statuses.items())}; global models in {out}")
+    return history

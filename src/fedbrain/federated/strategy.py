@@ -1,0 +1,94 @@
+"""FedAvg, plus a record of who took part in each round and what each hospital reported.
+
+Flower's FedAvg samples the SuperNodes online at the start of a phase (so one that joined
+during the run is in the next round), averages the arrays weighted by ``num-examples`` and
+the metrics the same way. This subclass only adds bookkeeping: the per-hospital values
+(examples, training time, local metrics) are kept before averaging and are left out of the
+averages, replies that failed are kept with their reason, and an evaluation reply from a
+hospital without validation data is not averaged in (it has no metrics to average).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from flwr.app import Message, MetricRecord, RecordDict
+from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
+
+from fedbrain.federated.task import META_KEYS, VAL_WEIGHT_KEY, WEIGHT_KEY
+
+
+def average_metrics(records: list[RecordDict], weight_key: str) -> MetricRecord:
+    """Weighted averages of the model metrics (hospital number, time... left out).
+
+    val_* (the global model on each hospital's validation split) is weighted by validation
+    examples, everything else by training examples (`weight_key`), with Flower's own averaging.
+    """
+    groups: dict[str, tuple[list[RecordDict], str]] = {"train": ([], weight_key), "val": ([], VAL_WEIGHT_KEY)}
+    for record in records:
+        metrics = next(iter(record.metric_records.values()))
+        for group, (kept, key) in groups.items():
+            values = {k: v for k, v in metrics.items() if k not in META_KEYS and k.startswith("val_") == (group == "val")}
+            if values and metrics.get(key, 0) > 0:
+                kept.append(RecordDict({"metrics": MetricRecord({**values, key: metrics[key]})}))
+    averaged = MetricRecord()
+    for kept, key in groups.values():
+        if kept:
+            averaged.update(aggregate_metricrecords(kept, key))
+    return averaged
+
+
+def content_bytes(message: Message) -> int:
+    """Bytes of a message's records (arrays, metrics, config) as Flower counts them."""
+    if not message.has_content():
+        return 0
+    content = message.content
+    records = [*content.array_records.values(), *content.metric_records.values(),
+               *content.config_records.values()]
+    return sum(record.count_bytes() for record in records)
+
+
+@dataclass
+class Phase:
+    """One train or evaluate exchange: who replied with what, who failed and why."""
+
+    name: str
+    reports: dict[int, dict] = field(default_factory=dict)  # node id -> its MetricRecord
+    failures: list[dict] = field(default_factory=list)      # {node_id, phase, reason}
+    bytes_up: int = 0
+
+
+class HospitalFedAvg(FedAvg):
+    """FedAvg that remembers each hospital's report and each failure of the current phase."""
+
+    def __init__(self, **kwargs):
+        super().__init__(weighted_by_key=WEIGHT_KEY, train_metrics_aggr_fn=average_metrics,
+                         evaluate_metrics_aggr_fn=average_metrics, **kwargs)
+        self.phase = Phase("idle")
+        # message id -> the node it was sent to, set by whoever pushes the messages
+        self.destinations: dict[str, int] = {}
+
+    def collect(self, phase: str, replies: Iterable[Message]) -> list[Message]:
+        """Record a phase's reports and failures; return the replies that carry examples."""
+        self.phase = Phase(phase)
+        usable = []
+        for msg in replies:
+            node = self.destinations.get(msg.metadata.reply_to_message_id, msg.metadata.src_node_id)
+            if msg.has_error():
+                self.phase.failures.append({"node_id": node, "phase": phase, "reason": msg.error.reason})
+                continue
+            self.phase.bytes_up += content_bytes(msg)
+            metrics = dict(next(iter(msg.content.metric_records.values())))
+            self.phase.reports[node] = metrics
+            # No examples, no weight: nothing to average (and FedAvg would divide by zero).
+            if metrics.get(WEIGHT_KEY, 0) > 0:
+                usable.append(msg)
+        return usable
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]):
+        return super().aggregate_train(server_round, self.collect("train", replies))
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]):
+        return super().aggregate_evaluate(server_round, self.collect("evaluate", replies))

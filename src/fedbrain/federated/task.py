@@ -1,0 +1,200 @@
+"""What the ServerApp and every hospital's ClientApp share: the run's settings, the model, the data.
+
+The run's settings arrive as Flower run config (keys in ``app/pyproject.toml``, values from the
+launcher); a hospital's identity arrives as its SuperNode's node config (``partition-id``).
+Training goes through ``fedbrain.train`` exactly as the centralized baseline does.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from fedbrain.config import get
+from fedbrain.dataset import Split, load_classes, load_split
+from fedbrain.errors import InputError
+
+ROLES = {"classifier": "classification", "segmenter": "segmentation"}
+# Keys of a MetricRecord that describe the reply rather than the model: never averaged.
+WEIGHT_KEY = "num-examples"
+# val_* metrics are averaged weighted by each hospital's validation examples instead.
+VAL_WEIGHT_KEY = "val-examples"
+META_KEYS = (WEIGHT_KEY, VAL_WEIGHT_KEY, "hospital", "train-time-s", "epochs-run", "calibration-time-s")
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    processed: Path
+    partition: Path
+    out: Path
+    role: str
+    task: str
+    model: str
+    weights: str
+    rounds: int
+    local_epochs: int
+    seed: int
+    train_params: dict
+    params: dict
+    fraction_train: float
+    fraction_evaluate: float
+    min_train_nodes: int
+    min_evaluate_nodes: int
+    min_available_nodes: int
+    round_timeout: float
+    node_wait_timeout: float
+    resume: bool
+    run_name: str
+    secure: bool
+
+    @classmethod
+    def from_run_config(cls, cfg) -> RunSettings:
+        cfg = dict(cfg)
+        role = str(cfg["role"])
+        if role not in ROLES:
+            raise InputError(f"run config 'role' is {role!r}; expected one of {', '.join(ROLES)}")
+        train_params = json.loads(str(cfg["train-params"]))
+        return cls(
+            processed=Path(str(cfg["processed"])),
+            partition=Path(str(cfg["partition"])),
+            out=Path(str(cfg["out"])),
+            role=role,
+            task=ROLES[role],
+            model=str(train_params.get("model", "cnn" if role == "classifier" else "unet")),
+            weights=str(train_params.get("weights", "none")),
+            rounds=int(cfg["rounds"]),
+            local_epochs=int(cfg["local-epochs"]),
+            seed=int(cfg["seed"]),
+            train_params=train_params,
+            params=json.loads(str(cfg["params"])),
+            fraction_train=float(cfg["fraction-train"]),
+            fraction_evaluate=float(cfg["fraction-evaluate"]),
+            min_train_nodes=int(cfg["min-train-nodes"]),
+            min_evaluate_nodes=int(cfg["min-evaluate-nodes"]),
+            min_available_nodes=int(cfg["min-available-nodes"]),
+            round_timeout=float(cfg["round-timeout"]),
+            node_wait_timeout=float(cfg["node-wait-timeout"]),
+            resume=bool(cfg["resume"]),
+            run_name=str(cfg["run-name"]),
+            secure=bool(cfg["secure"]),
+        )
+
+    @property
+    def learning_rate(self) -> float:
+        return get(self.train_params, "learning_rate", float, f"train.{self.role}")
+
+
+def build(settings: RunSettings, compiled: bool = True):
+    """The role's network for this dataset's image shape and classes (compiled as the baseline is)."""
+    from fedbrain.models import build_model
+    from fedbrain.train import compile_model
+
+    info = load_classes(settings.processed)
+    shape = (int(info["size"]), int(info["size"]), int(info["channels"]))
+    if ":" in settings.model:
+        # `package.module:function(input_shape, num_classes)`: a network of your own (tests use a
+        # tiny one); it must be importable wherever the SuperLink and SuperNodes run.
+        module, function = settings.model.split(":", 1)
+        model = getattr(importlib.import_module(module), function)(shape, len(info["classes"]))
+    else:
+        model = build_model(settings.model, shape, len(info["classes"]), settings.weights)
+    if compiled:
+        compile_model(model, settings.task, settings.learning_rate,
+                      label_smoothing=float(settings.train_params.get("label_smoothing", 0.0)))
+    return model
+
+
+def hospital_data(settings: RunSettings, hospital: int, split: str) -> Split:
+    """One hospital's own train or val examples: nothing else is readable from a ClientApp."""
+    return load_split(settings.processed, settings.partition, split, hospital=hospital)
+
+
+def returned_epoch(history: dict[str, list[float]], train_params: dict) -> int:
+    """The epoch whose weights `fit` returns: the best on the validation split (early stopping
+    restores it), or the last one when there was no validation split."""
+    from fedbrain.train import FIT_DEFAULTS
+
+    monitor = str(train_params.get("monitor", FIT_DEFAULTS["monitor"]))
+    values = history.get(monitor)
+    if not values:
+        return len(history.get("loss", [0])) - 1
+    best = max if monitor.endswith(("accuracy", "dice")) else min
+    return values.index(best(values))
+
+
+def train_locally(model, settings: RunSettings, hospital: int, server_round: int) -> tuple[dict, float, int]:
+    """`local_epochs` of the baseline's `fit` on this hospital's data: (history, seconds, examples)."""
+    from fedbrain.train import fit
+
+    train, val = hospital_data(settings, hospital, "train"), hospital_data(settings, hospital, "val")
+    # A different shuffle and augmentation stream per hospital and round, reproducible per run.
+    seed = settings.seed + 1000 * server_round + hospital
+    start = time.perf_counter()
+    history = fit(model, train, val, settings.task, settings.train_params, epochs=settings.local_epochs,
+                  seed=seed, class_weight=bool(settings.train_params.get("class_weight", True)), verbose=0)
+    return history, time.perf_counter() - start, len(train)
+
+
+def evaluate_locally(model, settings: RunSettings, hospital: int) -> tuple[dict, int]:
+    """The global model on this hospital's validation split: ({loss, accuracy|dice}, examples)."""
+    from fedbrain.train import make_dataset
+
+    val = hospital_data(settings, hospital, "val")
+    if len(val) == 0:
+        return {}, 0
+    num_classes = int(model.output_shape[-1]) if settings.task == "classification" else 1
+    batch_size = int(settings.train_params.get("batch_size", 32))
+    dataset = make_dataset(val, settings.task, num_classes, batch_size, settings.seed, training=False)
+    return model.evaluate(dataset, verbose=0, return_dict=True), len(val)
+
+
+def batch_norm_layers(model) -> list:
+    """Every BatchNormalization layer, nested backbones included, in a fixed order."""
+    import tensorflow as tf
+
+    return [m for m in model.submodules if isinstance(m, tf.keras.layers.BatchNormalization)]
+
+
+def batch_norm_statistics(model, settings: RunSettings, hospital: int) -> tuple[list, int, float]:
+    """Per BatchNormalization layer, the mean and variance of its input over this hospital's
+    training images under the given weights: ([mean_1, var_1, mean_2, ...], images, seconds).
+
+    Why: FedAvg averages each hospital's moving statistics, but those describe the hospital's
+    own model, not the averaged one; a global model with them predicts one class for everything.
+    Each batch runs in training mode with momentum 0, so every layer's moving statistics become
+    that batch's (upstream layers normalising with batch statistics, as in training), and the
+    batches are pooled: variance = E[var_b + mean_b^2] - mean^2.
+    """
+    from fedbrain.train import make_dataset
+
+    start = time.perf_counter()
+    data = hospital_data(settings, hospital, "train")
+    layers = batch_norm_layers(model)
+    num_classes = int(model.output_shape[-1]) if settings.task == "classification" else 1
+    batch_size = int(settings.train_params.get("batch_size", 32))
+    sums = [[0.0, 0.0] for _ in layers]
+    momenta = [layer.momentum for layer in layers]
+    try:
+        for layer in layers:
+            layer.momentum = 0.0
+        seen = 0
+        for batch in make_dataset(data, settings.task, num_classes, batch_size, settings.seed, training=False):
+            images = batch[0]
+            n = int(images.shape[0])
+            model(images, training=True)
+            for total, layer in zip(sums, layers):
+                mean, var = layer.moving_mean.numpy(), layer.moving_variance.numpy()
+                total[0] = total[0] + n * mean
+                total[1] = total[1] + n * (var + mean ** 2)
+            seen += n
+    finally:
+        for layer, momentum in zip(layers, momenta):
+            layer.momentum = momentum
+    stats = []
+    for first, second in sums:
+        mean = first / max(seen, 1)
+        stats += [mean, second / max(seen, 1) - mean ** 2]
+    return stats, seen, time.perf_counter() - start

@@ -1,0 +1,109 @@
+"""predict: a trained model + image files -> class probabilities (JSON on stdout), mask PNGs.
+
+Images go through exactly what training saw: ``fedbrain.imaging.read_image`` (JPEG, PNG, TIFF,
+NIfTI; ``a.nii.gz;b.nii.gz`` stacks co-registered modalities as channels) and
+``fedbrain.preprocess.prepare_image`` with the ``preprocess`` settings of params.yaml, at the
+model's input size. Every file is read before anything is predicted or written, so one bad file
+stops the command with its name and leaves no partial output.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from fedbrain.config import get
+from fedbrain.errors import InputError
+
+
+def _load(model_path: Path):
+    import tensorflow as tf
+
+    if not model_path.is_file():
+        raise InputError(f"{model_path}: model file not found; train one first (fedbrain train-centralized)")
+    try:
+        return tf.keras.models.load_model(model_path, compile=False)
+    except Exception as exc:  # corrupt or foreign files fail in many ways
+        raise InputError(f"{model_path}: cannot load model ({type(exc).__name__}); pass a .keras file written by fedbrain") from exc
+
+
+def _match_channels(image: np.ndarray, channels: int, name: str) -> np.ndarray:
+    """Gray models take the mean of colour channels; 3-channel models get gray repeated."""
+    have = image.shape[-1]
+    if have == channels:
+        return image
+    if channels == 1:
+        return image.mean(axis=-1, keepdims=True)
+    if have == 1:
+        return np.repeat(image, channels, axis=-1)
+    raise InputError(f"{name}: has {have} channels, the model expects {channels}; pass matching images")
+
+
+def read_input(source: str, size: int, channels: int, preprocess: dict, slice_index: int | None) -> tuple[np.ndarray, tuple]:
+    """One model-ready (size, size, channels) array and the original (H, W)."""
+    from fedbrain import imaging
+    from fedbrain.preprocess import prepare_image
+
+    paths = source.split(imaging.MODALITY_SEPARATOR)
+    for path in paths:
+        if not Path(path).is_file():
+            raise InputError(f"{path}: file not found")
+    index = -1
+    if imaging.is_nifti(paths[0]):
+        depth = imaging.read_volume(paths[0]).shape[2]
+        index = depth // 2 if slice_index is None else slice_index  # the middle axial slice by default
+    pixels = imaging.read_image(source, index)
+    image = prepare_image(pixels, size, get(preprocess, "equalize", bool, "preprocess", default=False),
+                          get(preprocess, "bias_field", bool, "preprocess", default=False))
+    return _match_channels(image, channels, source), pixels.shape[:2]
+
+
+def _class_names(card: dict, outputs: int) -> list[str]:
+    classes = card.get("classes")
+    return list(classes) if classes and len(classes) == outputs else [str(k) for k in range(outputs)]
+
+
+def _write_mask(mask: np.ndarray, shape: tuple, path: Path) -> None:
+    from PIL import Image
+
+    image = Image.fromarray((mask * 255).astype(np.uint8)).resize((shape[1], shape[0]), Image.NEAREST)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    image.save(tmp)
+    os.replace(tmp, path)
+
+
+def run(params: dict, model: Path, images: list[str], out: Path = Path("predictions"),
+        slice_index: int | None = None) -> list[dict]:
+    from fedbrain.train import load_card
+
+    if not images:
+        raise InputError("no image files given; pass one or more JPEG/PNG/TIFF/NIfTI paths")
+    model_path = Path(model)
+    network = _load(model_path)
+    card = load_card(model_path)
+    _, size, _, channels = network.input_shape
+    preprocess = params.get("preprocess") or {}
+    inputs = [read_input(str(source), size, channels, preprocess, slice_index) for source in images]
+    batch = np.stack([array for array, _ in inputs]).astype(np.float32)
+    outputs = network.predict(batch, verbose=0)
+
+    threshold = get(params.get("evaluate") or {}, "threshold", float, "evaluate", default=0.5)
+    results = []
+    if outputs.ndim == 4:  # segmenter: a tumour probability per pixel
+        for source, (_, shape), proba in zip(images, inputs, outputs):
+            mask = (proba[..., 0] > threshold).astype(np.uint8)
+            stem = Path(str(source).split(";")[0]).name.split(".")[0]
+            path = Path(out) / f"{stem}_mask.png"
+            _write_mask(mask, shape, path)
+            results.append({"image": str(source), "mask": str(path), "tumour_fraction": float(mask.mean())})
+    else:
+        names = _class_names(card, outputs.shape[-1])
+        for source, proba in zip(images, outputs):
+            results.append({"image": str(source), "prediction": names[int(np.argmax(proba))],
+                            "probabilities": {n: round(float(p), 6) for n, p in zip(names, proba)}})
+    print(json.dumps(results, indent=2))
+    return results

@@ -1,0 +1,133 @@
+"""MLflow helpers shared by centralized and federated runs.
+
+One experiment per pipeline family (``mlflow.experiment``), one run per trained model, tagged
+``task``, ``model``, ``training`` (centralized | federated) and ``privacy``. Every trainer logs
+through ``metric_name`` so the MLflow UI can chart centralized epochs and federated rounds
+together: ``train_loss``, ``train_accuracy``, ``val_loss``, ``val_accuracy``, ``val_dice``,
+``test_accuracy``, ``test_macro_f1``, ``test_dice``, ``test_hd95``...
+
+The store: ``MLFLOW_TRACKING_URI`` if set, else ``mlflow.tracking_uri`` in params.yaml (default
+a SQLite file in the working tree; open the UI with ``mlflow ui --backend-store-uri sqlite:///mlflow.db``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import mlflow
+
+from fedbrain.config import get
+
+DEFAULT_URI = "sqlite:///mlflow.db"
+DEFAULT_EXPERIMENT = "fedbrain"
+_MAX_PARAM = 500  # MLflow caps parameter values; long lists are cut, not rejected
+
+
+def _section(params: dict) -> dict:
+    sec = params.get("mlflow") or {}
+    return sec if isinstance(sec, dict) else {}
+
+
+def tracking_uri(params: dict) -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or get(_section(params), "tracking_uri", str, "mlflow",
+                                                          default=DEFAULT_URI)
+
+
+def configure(params: dict) -> str:
+    """Point MLflow at the store and experiment named by the environment or params; returns the URI."""
+    uri = tracking_uri(params)
+    mlflow.set_tracking_uri(uri)
+    experiment = os.environ.get("MLFLOW_EXPERIMENT_NAME") or get(_section(params), "experiment", str, "mlflow",
+                                                                 default=DEFAULT_EXPERIMENT)
+    if mlflow.get_experiment_by_name(experiment) is None:
+        artifacts = _section(params).get("artifact_location")
+        mlflow.create_experiment(experiment, artifact_location=artifacts)
+    mlflow.set_experiment(experiment)
+    return uri
+
+
+def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """{"train": {"classifier": {"epochs": 3}}} -> {"train.classifier.epochs": 3}."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{name}."))
+        else:
+            text = json.dumps(value) if isinstance(value, (list, tuple)) else value
+            flat[name] = str(text)[:_MAX_PARAM] if isinstance(text, str) else text
+    return flat
+
+
+def metric_name(key: str) -> str:
+    """Keras history key -> the shared metric name (``loss`` -> ``train_loss``, ``lr`` -> ``learning_rate``)."""
+    if key == "lr":
+        return "learning_rate"
+    if key.startswith(("val_", "test_", "train_")):
+        return key
+    return f"train_{key}"
+
+
+@contextmanager
+def start_run(params: dict, run_name: str, tags: dict[str, str] | None = None) -> Iterator[mlflow.ActiveRun]:
+    """A run in the configured store/experiment with all params (flattened) and tags logged.
+
+    Nested under the active run when there is one (e.g. a federated server run).
+    """
+    configure(params)
+    with mlflow.start_run(run_name=run_name, tags=dict(tags or {}), nested=mlflow.active_run() is not None) as run:
+        log_params({k: v for k, v in flatten(params).items() if not k.startswith("mlflow.")})
+        yield run
+
+
+def log_params(flat: dict[str, Any]) -> None:
+    mlflow.log_params(flatten(flat))
+
+
+def log_metrics(metrics: dict[str, float | None], step: int | None = None) -> None:
+    """Log the numeric values (None, i.e. undefined, is skipped rather than logged as 0)."""
+    clean = {k: float(v) for k, v in metrics.items() if v is not None and not isinstance(v, (dict, list, str))}
+    if clean:
+        mlflow.log_metrics(clean, step=step)
+
+
+def log_history(history: dict[str, list[float]], first_step: int = 0) -> None:
+    """Per-epoch (or per-round) values as steps, under the shared metric names."""
+    epochs = max((len(v) for v in history.values()), default=0)
+    for i in range(epochs):
+        log_metrics({metric_name(k): v[i] for k, v in history.items() if i < len(v)}, step=first_step + i)
+
+
+def log_keras_model(params: dict, model, path: Path | None = None) -> None:
+    """The model as an MLflow TensorFlow model (``mlflow.log_models: false`` skips it), plus its card."""
+    if get(_section(params), "log_models", bool, "mlflow", default=True):
+        import mlflow.tensorflow
+        import tensorflow as tf
+
+        # Explicit requirements: inferring them re-loads the model in a subprocess (slow).
+        mlflow.tensorflow.log_model(model, name="model", pip_requirements=[f"tensorflow=={tf.__version__}"])
+    if path is not None and Path(path).with_suffix(".json").is_file():
+        mlflow.log_artifact(str(Path(path).with_suffix(".json")), artifact_path="card")
+
+
+def log_to_run(params: dict, run_id: str | None, run_name: str, tags: dict[str, str],
+               metrics: dict[str, float | None], artifacts: list[Path]) -> str:
+    """Add test metrics and artifacts to a model's training run (a new run when it is unknown)."""
+    configure(params)
+    run = None
+    if run_id:
+        try:
+            run = mlflow.get_run(run_id)
+        except mlflow.exceptions.MlflowException:
+            run = None  # trained against another store: record the evaluation on its own
+    kwargs = {"run_id": run.info.run_id} if run else {"run_name": run_name, "tags": tags}
+    with mlflow.start_run(**kwargs) as active:
+        log_metrics(metrics)
+        for artifact in artifacts:
+            if Path(artifact).is_file():
+                mlflow.log_artifact(str(artifact), artifact_path="evaluation")
+        return active.info.run_id

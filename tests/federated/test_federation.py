@@ -1,0 +1,288 @@
+"""A real federation on loopback: flower-superlink, one flower-supernode per hospital, `flwr run`.
+
+TLS and SuperNode authentication are on (keys made in tmp_path), the ClientApps train a tiny
+Keras model on tiny per-hospital data, and the ServerApp logs to an MLflow store in tmp_path.
+What costs time here is Flower's: a Python + TensorFlow start per ClientApp message, and in the
+crash test the SuperLink's heartbeat timeout (about a minute) before it declares a node dead.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import ssl
+import stat
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import tensorflow as tf
+import tomli
+from mlflow.tracking import MlflowClient
+
+from fedbrain.federated import launcher, task
+from fedbrain.federated.certificates import ensure_pki
+from fedbrain.federated.launcher import Federation
+from fedbrain.federated.server_app import pool_batch_norm_statistics
+
+from federated_data import federated_params, make_federated_data
+
+TESTS_DIR = Path(__file__).resolve().parent
+TINY = "tiny_model:build"              # with BatchNormalization: a calibration message per round
+TINY_PLAIN = "tiny_model:build_plain"  # without: one message per round, for the longer scenarios
+
+
+@pytest.fixture
+def tiny_model(monkeypatch):
+    """Every process the federation starts can import tests/federated/tiny_model.py."""
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(TESTS_DIR), os.environ.get("PYTHONPATH")])))
+    monkeypatch.setenv("TF_NUM_INTRAOP_THREADS", "1")
+    monkeypatch.setenv("TF_NUM_INTEROP_THREADS", "1")
+    return TINY
+
+
+def tiny_params(tmp_path: Path, rounds: int, model: str = TINY) -> dict:
+    params = federated_params(tmp_path, rounds=rounds)
+    params["train"]["classifier"]["model"] = model
+    return params
+
+
+def federation_processes(root: Path) -> list[psutil.Process]:
+    """Live processes whose Flower home lies under `root`: everything a federation there started."""
+    found = []
+    for proc in psutil.process_iter():
+        try:
+            if proc.environ().get("FLWR_HOME", "").startswith(str(root)) and proc.status() != psutil.STATUS_ZOMBIE:
+                found.append(proc)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            pass
+    return found
+
+
+def commands(root: Path) -> list[str]:
+    """The program and first argument of each of those processes (skipping any that just ended)."""
+    found = []
+    for proc in federation_processes(root):
+        try:
+            found.append(" ".join(proc.cmdline()[:2]))
+        except psutil.NoSuchProcess:
+            pass
+    return found
+
+
+def listening_addresses(root: Path) -> set[tuple[str, int]]:
+    """(host, port) of every listening TCP socket of those processes."""
+    found = set()
+    for proc in federation_processes(root):
+        try:
+            found |= {(c.laddr.ip, c.laddr.port) for c in proc.net_connections(kind="tcp")
+                      if c.status == psutil.CONN_LISTEN}
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    return found
+
+
+def tls_handshake(address: str, ca: Path | None) -> str:
+    """'ok', or the verification error, of a TLS handshake as a gRPC client makes it."""
+    host, port = address.rsplit(":", 1)
+    context = ssl.create_default_context(cafile=None if ca is None else str(ca))
+    context.set_alpn_protocols(["h2"])
+    try:
+        with socket.create_connection((host, int(port)), timeout=10) as sock:
+            with context.wrap_socket(sock, server_hostname=host):
+                return "ok"
+    except ssl.SSLCertVerificationError as exc:
+        return exc.reason
+
+
+def wait_until(condition, timeout: float, what: str, poll: float = 0.5):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if value := condition():
+            return value
+        time.sleep(poll)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def trained(record: dict) -> set[str]:
+    """Hospitals whose update was averaged into this round's global model."""
+    return {k for k, v in record["hospitals"].items() if "train_time_s" in v}
+
+
+def test_two_rounds_three_hospitals_tls_auth_tracked_and_cleaned_up(tmp_path, tiny_model):
+    processed, partition = make_federated_data(tmp_path / "data", hospitals=3)
+    params = tiny_params(tmp_path, rounds=2)
+    out = tmp_path / "models" / "federated" / "fedavg"
+    lines, during, listening = [], [], set()
+
+    def echo(line: str) -> None:
+        lines.append(line)
+        if "round 1 done" in line and not during:
+            during.extend(commands(tmp_path))
+            listening.update(listening_addresses(tmp_path))
+
+    history = launcher.run(params, processed, partition, out, echo=echo)
+
+    # Nothing the launcher started outlives it (and the scan did see them while they ran).
+    assert any("flower-superlink" in c for c in during), during
+    assert sum("flower-supernode" in c for c in during) == 3, during
+    assert any("flwr-serverapp" in c for c in during), during
+    assert federation_processes(tmp_path) == []
+    # Every API of the federation listens on loopback only.
+    assert listening and {host for host, _ in listening} == {"127.0.0.1"}, listening
+
+    # Secure by default: the CA, the SuperLink certificate and one key pair per hospital.
+    pki = tmp_path / ".fedbrain" / "pki"
+    for private in [pki / "ca.key", pki / "superlink.key", *(pki / "supernodes" / f"hospital_{k}" for k in range(3))]:
+        assert stat.S_IMODE(private.stat().st_mode) == 0o600, private
+    superlink_log = (tmp_path / ".fedbrain" / "federation" / "fedavg" / "logs" / "superlink.log").read_text()
+    assert superlink_log.count("Activated node_id") == 3
+    assert launcher.INSECURE_WARNING not in lines
+
+    # Two rounds: a global model per round, the final model and its per-round history.
+    assert sorted(p.name for p in (out / "checkpoints" / "classifier").glob("round_*.keras")) == \
+        ["round_1.keras", "round_2.keras"]
+    assert (out / "classifier.keras").is_file()
+    assert len(history["classifier"]["val_accuracy"]) == 2
+    card = json.loads((out / "classifier.json").read_text())
+    assert card["training"] == "federated" and card["failures"] == []
+    for record in card["round_records"]:
+        assert trained(record) == {"0", "1", "2"}
+        assert all(h["examples"] == 12 and h["val_examples"] == 4 and h["calibration_time_s"] > 0
+                   for h in record["hospitals"].values())
+        assert record["bytes_up"] > 0 and record["bytes_down"] > 0
+        assert record["wall_time_s"] >= record["train_phase_s"] + record["calibration_phase_s"]
+        assert record["train_phase_s"] >= max(h["train_time_s"] for h in record["hospitals"].values()) > 0
+
+    # The global model's BatchNormalization statistics are the hospitals' pooled ones, measured
+    # under its own weights (not FedAvg's average of each hospital's moving statistics).
+    model = tf.keras.models.load_model(out / "classifier.keras", compile=False)
+    (layer,) = task.batch_norm_layers(model)
+    stored = layer.moving_mean.numpy(), layer.moving_variance.numpy()
+    settings = task.RunSettings.from_run_config(tomli.loads(
+        (tmp_path / ".fedbrain" / "federation" / "fedavg" / "run_config.toml").read_text()))
+    measured = [(n, stats) for stats, n, _ in
+                (task.batch_norm_statistics(model, settings, k) for k in range(3))]
+    pooled = pool_batch_norm_statistics(measured)
+    assert stored[0] == pytest.approx(pooled[0], rel=1e-3, abs=1e-5)
+    assert stored[1] == pytest.approx(pooled[1], rel=1e-3, abs=1e-5)
+
+    # One MLflow run with the centralized run's metric names, step = round.
+    client = MlflowClient(tracking_uri=params["mlflow"]["tracking_uri"])
+    experiment = client.get_experiment_by_name("fedbrain-test")
+    (run,) = client.search_runs([experiment.experiment_id])
+    assert run.data.tags["training"] == "federated" and run.data.tags["secure"] == "true"
+    for name in ("val_accuracy", "val_loss", "train_loss", "bytes_up", "bytes_down", "round_time_s",
+                 "hospital_0/examples", "hospital_2/train_time_s", "hospital_1/val_accuracy"):
+        steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, name))
+        assert steps == [1, 2], (name, steps)
+    val = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "val_accuracy")}
+    assert val == {1: pytest.approx(history["classifier"]["val_accuracy"][0]),
+                   2: pytest.approx(history["classifier"]["val_accuracy"][1])}
+    assert run.data.metrics["failures"] == 0
+
+
+def test_unregistered_supernode_is_refused_and_one_without_the_ca_cannot_connect(tmp_path):
+    pki = ensure_pki(tmp_path / "pki")
+    with Federation(tmp_path / "run", pki) as federation:
+        federation.start_superlink()
+        federation.start_supernode(0)                                # registered, with the CA
+        rogue = federation.start_supernode(1, name="rogue", register=False)
+        no_ca = federation.start_supernode(2, name="no_ca", ca_cert=None)  # registered, no CA
+
+        online = wait_until(lambda: [n for n in federation.nodes() if n["status"] == "online"],
+                            timeout=60, what="the registered SuperNode to come online")
+        # The SuperLink admits no key it does not know: the rogue SuperNode is turned away.
+        wait_until(lambda: rogue.proc.poll() is not None, timeout=30, what="the rogue SuperNode to give up")
+        assert rogue.proc.returncode != 0
+        assert "No SuperNode found with the given public key" in rogue.log_path.read_text()
+        assert "Activation failed" in federation.superlink.log_path.read_text()
+        # Without the CA certificate the SuperLink's certificate cannot be verified: a TLS client
+        # trusting only the system's roots is refused, one trusting our CA gets through.
+        assert tls_handshake(federation.fleet_address, ca=None) == "CERTIFICATE_VERIFY_FAILED"
+        assert tls_handshake(federation.fleet_address, ca=pki.ca_cert) == "ok"
+        # So the SuperNode without it keeps retrying and never comes online.
+        wait_until(lambda: no_ca.log_path.read_text().count("Connection attempt failed") >= 3, timeout=30,
+                   what="the SuperNode without the CA to fail connecting")
+        nodes = federation.nodes()
+        assert no_ca.proc.poll() is None
+        assert len(online) == 1 and sorted(n["status"] for n in nodes) == ["online", "registered"]
+    assert federation_processes(tmp_path) == []
+
+
+def test_crashed_supernode_does_not_stop_the_run_and_a_late_one_joins(tmp_path, tiny_model):
+    """Kill one of 3 SuperNodes while it trains in round 2 of 4; start a 4th during round 2."""
+    processed, partition = make_federated_data(tmp_path / "data", hospitals=4)
+    out = tmp_path / "models" / "federated" / "fedavg"
+    params = launcher.tracking_params(tiny_params(tmp_path, rounds=4, model=TINY_PLAIN))
+    settings, roles, _ = launcher.prepare(params, processed, partition, out, resume=False)
+    config = launcher.run_config(settings, params, "classifier", processed, partition, out, resume=False,
+                                 secure=True)
+    with Federation(tmp_path / "run", ensure_pki(tmp_path / "pki"), echo=lambda line: None) as federation:
+        federation.start_superlink()
+        federation.start_supernodes([0, 1, 2])
+        handle = federation.submit(config)
+        crashing = federation.supernodes["hospital_1"]
+        wait_until(lambda: crashing.log_path.read_text().count("Received: train message") >= 2, timeout=240,
+                   what="hospital 1 to receive its round-2 update request")
+        federation.kill_supernode("hospital_1")   # SIGKILL: a crash, no goodbye to the SuperLink
+        federation.start_supernode(3)             # registers its key and joins mid-run
+        status = handle.wait()
+    assert status == "finished:completed"
+    assert federation_processes(tmp_path) == []
+
+    card = json.loads((out / "classifier.json").read_text())
+    rounds = card["round_records"]
+    assert [r["round"] for r in rounds] == [1, 2, 3, 4]
+    assert trained(rounds[0]) == {"0", "1", "2"}
+    # Round 2 went on with the two that were left; the crash is on record.
+    assert trained(rounds[1]) == {"0", "2"}
+    assert [(f["round"], f["hospital"], f["phase"]) for f in card["failures"]] == [(2, 1, "train")]
+    # The late SuperNode takes part from the next round on; the crashed one is gone.
+    assert trained(rounds[2]) == trained(rounds[3]) == {"0", "2", "3"}
+    assert rounds[3]["hospitals"]["3"]["examples"] == 12
+
+    client = MlflowClient(tracking_uri=params["mlflow"]["tracking_uri"])
+    (run,) = client.search_runs([client.get_experiment_by_name("fedbrain-test").experiment_id])
+    failed = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "nodes_failed")}
+    assert failed == {1: 0, 2: 1, 3: 0, 4: 0}
+    assert run.data.tags["failures"] == "1"
+
+
+def test_interrupted_launcher_stops_every_process_and_resume_continues(tmp_path, tiny_model):
+    """SIGTERM (what `dvc repro` gets on Ctrl-C) after round 1 of 2: run() stops every process and
+    re-raises; `resume=True` then runs round 2 only, into the same MLflow run."""
+    processed, partition = make_federated_data(tmp_path / "data", hospitals=2)
+    params = tiny_params(tmp_path, rounds=2, model=TINY_PLAIN)
+    out = tmp_path / "models" / "fedavg"
+    seen = []
+
+    def interrupt_after_round_1(line: str) -> None:
+        if "round 1 done" in line and not seen:
+            seen.extend(commands(tmp_path))
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    with pytest.raises(KeyboardInterrupt):
+        # The signal lands in the main thread while run() waits for the run to end.
+        launcher.run(params, processed, partition, out, echo=interrupt_after_round_1)
+    assert any("flwr-serverapp" in c for c in seen) and sum("flower-supernode" in c for c in seen) == 2, seen
+    assert federation_processes(tmp_path) == []
+    saved = json.loads((out / "checkpoints" / "classifier" / "state.json").read_text())
+    assert saved["round"] == 1 and not (out / "classifier.keras").exists()
+
+    lines = []
+    history = launcher.run(params, processed, partition, out, resume=True, echo=lines.append)
+    assert any("resuming classifier after round 1 of 2" in line for line in lines)
+    assert not any("round 1/2" in line for line in lines)
+    assert federation_processes(tmp_path) == []
+    card = json.loads((out / "classifier.json").read_text())
+    assert [r["round"] for r in card["round_records"]] == [1, 2]
+    assert card["round_records"][0]["wall_time_s"] == saved["rounds"][0]["wall_time_s"]
+    assert len(history["classifier"]["val_accuracy"]) == 2
+    client = MlflowClient(tracking_uri=params["mlflow"]["tracking_uri"])
+    (run,) = client.search_runs([client.get_experiment_by_name("fedbrain-test").experiment_id])
+    assert run.info.run_id == saved["run_id"] == card["run_id"] and run.info.status == "FINISHED"
+    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "val_accuracy")) == [1, 2]

@@ -1,0 +1,136 @@
+"""The federation's parts that need no running SuperLink: keys and certificates, averaging."""
+
+from __future__ import annotations
+
+import ipaddress
+import stat
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from flwr.app import MetricRecord, RecordDict
+
+from fedbrain.config import load_params
+from fedbrain.errors import InputError
+from fedbrain.federated.certificates import ensure_pki, ensure_supernode_key
+from fedbrain.federated.launcher import FederatedSettings, absolute_uri
+from fedbrain.federated.strategy import average_metrics
+
+from federated_data import federated_params, make_federated_data
+
+
+def test_pki_is_made_once_valid_for_loopback_and_private(tmp_path):
+    pki = ensure_pki(tmp_path / "pki")
+    ca = x509.load_pem_x509_certificate(pki.ca_cert.read_bytes())
+    server = x509.load_pem_x509_certificate(pki.server_cert.read_bytes())
+    server.verify_directly_issued_by(ca)
+    san = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert "localhost" in san.get_values_for_type(x509.DNSName)
+    assert ipaddress.ip_address("127.0.0.1") in san.get_values_for_type(x509.IPAddress)
+    for key in (pki.ca_key, pki.server_key):
+        assert stat.S_IMODE(key.stat().st_mode) == 0o600
+    assert stat.S_IMODE(pki.root.stat().st_mode) == 0o700
+
+    # Reused as long as it fits; a new host name renews the SuperLink certificate, not the CA.
+    before = {p: p.read_bytes() for p in (pki.ca_cert, pki.server_cert)}
+    ensure_pki(tmp_path / "pki")
+    assert all(p.read_bytes() == data for p, data in before.items())
+    ensure_pki(tmp_path / "pki", hosts=("superlink.fedbrain.svc",))
+    assert pki.ca_cert.read_bytes() == before[pki.ca_cert]
+    assert pki.server_cert.read_bytes() != before[pki.server_cert]
+
+
+def test_supernode_keys_are_p384_openssh_and_stable(tmp_path):
+    pki = ensure_pki(tmp_path / "pki")
+    private, public = ensure_supernode_key(pki, "hospital_0")
+    key = serialization.load_ssh_private_key(private.read_bytes(), password=None)
+    assert isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.name == "secp384r1"
+    assert serialization.load_ssh_public_key(public.read_bytes()).public_numbers() == key.public_key().public_numbers()
+    assert stat.S_IMODE(private.stat().st_mode) == 0o600
+    assert ensure_supernode_key(pki, "hospital_0") == (private, public)
+    assert public.read_bytes() == ensure_supernode_key(pki, "hospital_0")[1].read_bytes()
+    assert ensure_supernode_key(pki, "hospital_1")[1].read_bytes() != public.read_bytes()
+
+
+def _reply(**metrics) -> RecordDict:
+    return RecordDict({"metrics": MetricRecord(metrics)})
+
+
+def test_average_weights_training_by_examples_and_validation_by_validation_examples():
+    replies = [_reply(**{"num-examples": 300, "val-examples": 10, "hospital": 0, "train-time-s": 9.0,
+                         "train_loss": 1.0, "val_accuracy": 0.5}),
+               _reply(**{"num-examples": 100, "val-examples": 30, "hospital": 1, "train-time-s": 3.0,
+                         "train_loss": 2.0, "val_accuracy": 0.9})]
+    averaged = average_metrics(replies, "num-examples")
+    assert averaged["train_loss"] == pytest.approx((300 * 1.0 + 100 * 2.0) / 400)
+    assert averaged["val_accuracy"] == pytest.approx((10 * 0.5 + 30 * 0.9) / 40)
+    assert set(averaged) == {"train_loss", "val_accuracy"}  # hospital numbers and times are not averaged
+
+
+def test_a_hospital_without_validation_data_is_left_out_of_validation_averages():
+    replies = [_reply(**{"num-examples": 50, "val-examples": 0, "train_loss": 1.0}),
+               _reply(**{"num-examples": 50, "val-examples": 20, "train_loss": 3.0, "val_loss": 0.7})]
+    averaged = average_metrics(replies, "num-examples")
+    assert averaged["train_loss"] == pytest.approx(2.0) and averaged["val_loss"] == pytest.approx(0.7)
+
+
+def test_settings_from_the_project_params_and_readable_errors(tmp_path):
+    settings = FederatedSettings.from_params(load_params(Path(__file__).resolve().parents[2] / "params.yaml"))
+    assert settings.rounds >= 1 and settings.local_epochs >= 1 and settings.roles == ("auto",)
+    params = federated_params(tmp_path)
+    params["federated"]["rounds"] = 0
+    with pytest.raises(InputError, match="federated.rounds"):
+        FederatedSettings.from_params(params)
+    params = federated_params(tmp_path)
+    params["federated"]["roles"] = ["classifier", "detector"]
+    with pytest.raises(InputError, match="federated.roles"):
+        FederatedSettings.from_params(params)
+
+
+def test_local_mlflow_stores_are_made_absolute(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert absolute_uri("sqlite:///mlflow.db") == f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert absolute_uri("mlruns") == (tmp_path / "mlruns").as_uri()
+    assert absolute_uri("http://mlflow:5000") == "http://mlflow:5000"
+
+
+def test_batch_norm_statistics_are_those_of_the_layer_input(tmp_path):
+    """A BatchNormalization layer right after the input measures the images themselves."""
+    import json
+
+    import numpy as np
+    import tensorflow as tf
+
+    from fedbrain.federated.task import RunSettings, batch_norm_statistics, hospital_data
+
+    processed, partition = make_federated_data(tmp_path / "data", hospitals=2)
+    params = federated_params(tmp_path)
+    cfg = {"processed": str(processed), "partition": str(partition), "out": str(tmp_path / "out"),
+           "role": "classifier", "rounds": 1, "local-epochs": 1, "seed": 1,
+           "train-params": json.dumps({**params["train"]["classifier"], "batch_size": 5}), "params": "{}",
+           "fraction-train": 1.0, "fraction-evaluate": 1.0, "min-train-nodes": 2, "min-evaluate-nodes": 2,
+           "min-available-nodes": 2, "round-timeout": 1.0, "node-wait-timeout": 1.0, "resume": False,
+           "run-name": "t", "secure": True}
+    settings = RunSettings.from_run_config(cfg)
+    inputs = tf.keras.Input((16, 16, 1))
+    model = tf.keras.Model(inputs, tf.keras.layers.Dense(4)(tf.keras.layers.BatchNormalization()(inputs)))
+    stats, seen, _ = batch_norm_statistics(model, settings, hospital=1)
+    images = hospital_data(settings, 1, "train").images
+    assert seen == len(images) == 12  # batches of 5, 5, 2: unequal batches weigh by size
+    assert stats[0] == pytest.approx([images.mean()], rel=1e-4)
+    assert stats[1] == pytest.approx([images.var()], rel=1e-3)
+    assert model.layers[1].momentum == 0.99  # restored
+
+
+def test_pooled_statistics_follow_the_law_of_total_variance():
+    import numpy as np
+
+    from fedbrain.federated.server_app import pool_batch_norm_statistics
+
+    a, b = np.array([0.0, 1.0, 2.0, 3.0]), np.array([10.0, 12.0])
+    pooled = pool_batch_norm_statistics([(4, [np.array([a.mean()]), np.array([a.var()])]),
+                                         (2, [np.array([b.mean()]), np.array([b.var()])])])
+    both = np.concatenate([a, b])
+    assert pooled[0] == pytest.approx([both.mean()]) and pooled[1] == pytest.approx([both.var()])

@@ -1,0 +1,24 @@
+"""Networks small enough that a federated test's time goes to Flower, not to TensorFlow tracing.
+
+Named in a test's params as ``model: "tiny_model:build"``; the tests put this folder on the
+PYTHONPATH of the SuperLink and SuperNodes they start, as a user would install their own model.
+``build`` has a BatchNormalization layer (so runs exercise the statistics calibration, one more
+message per round); ``build_plain`` has none (no calibration phase: faster).
+"""
+
+import tensorflow as tf
+
+
+def build(input_shape, num_classes, batch_norm: bool = True):
+    inputs = tf.keras.Input(input_shape, name="image")
+    x = tf.keras.layers.Conv2D(4, 3, strides=2, padding="same", use_bias=not batch_norm)(inputs)
+    if batch_norm:
+        x = tf.keras.layers.BatchNormalization()(x)
+    x = tf.keras.layers.Activation("relu")(x)
+    x = tf.keras.layers.GlobalAveragePooling2D()(x)
+    outputs = tf.keras.layers.Dense(num_classes, activation="softmax", name="probabilities")(x)
+    return tf.keras.Model(inputs, outputs, name="tiny")
+
+
+def build_plain(input_shape, num_classes):
+    return build(input_shape, num_classes, batch_norm=False)

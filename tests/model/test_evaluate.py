@@ -1,0 +1,131 @@
+"""evaluate: metrics against hand-computed values, and the stage's files and MLflow logging."""
+
+from __future__ import annotations
+
+import json
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+
+from fedbrain import tracking
+from fedbrain.evaluate import classification_metrics, dice_hd95, segmentation_metrics
+from fedbrain.evaluate import run as evaluate
+from fedbrain.models import build_model
+from fedbrain.train import save_model
+
+
+def test_classification_metrics_by_hand_with_a_class_missing_from_the_test_set():
+    # Three classes; "c" has no test example but is predicted once (sample 3).
+    y_true = np.array([0, 0, 1, 1])
+    proba = np.array([[0.7, 0.2, 0.1],   # a -> a
+                      [0.2, 0.5, 0.3],   # a -> b
+                      [0.1, 0.8, 0.1],   # b -> b
+                      [0.3, 0.3, 0.4]])  # b -> c
+    m = classification_metrics(y_true, proba, ["a", "b", "c"])
+    assert m["accuracy"] == pytest.approx(0.5)
+    assert m["per_class"]["a"] == pytest.approx({"precision": 1.0, "recall": 0.5, "f1": 2 / 3, "support": 2,
+                                                 "roc_auc": 0.75})
+    assert m["per_class"]["b"] == pytest.approx({"precision": 0.5, "recall": 0.5, "f1": 0.5, "support": 2,
+                                                 "roc_auc": 0.75})
+    # The absent class: no AUC (no positives), and it counts in the macro average only because it
+    # was predicted (precision 0).
+    assert m["per_class"]["c"]["roc_auc"] is None and m["per_class"]["c"]["support"] == 0
+    assert m["macro_precision"] == pytest.approx((1 + 0.5 + 0) / 3)
+    assert m["macro_recall"] == pytest.approx((0.5 + 0.5 + 0) / 3)
+    assert m["macro_f1"] == pytest.approx((2 / 3 + 0.5 + 0) / 3)
+    assert m["roc_auc"] == pytest.approx(0.75) and m["roc_auc_classes"] == 2
+    assert m["confusion_matrix"] == [[1, 1, 0], [0, 1, 1], [0, 0, 0]]
+
+
+def test_macro_average_skips_a_class_neither_present_nor_predicted():
+    m = classification_metrics(np.array([0, 1]), np.array([[0.9, 0.1, 0.0], [0.2, 0.8, 0.0]]), ["a", "b", "c"])
+    assert m["accuracy"] == 1.0 and m["macro_f1"] == pytest.approx(1.0)
+
+
+def _square(mask, y, x, h, w):
+    mask[y:y + h, x:x + w] = 1
+    return mask
+
+
+def test_dice_hd95_empty_cases_are_explicit():
+    empty, dot = np.zeros((8, 8)), _square(np.zeros((8, 8)), 2, 2, 1, 1)
+    assert dice_hd95(empty, empty) == (1.0, 0.0)
+    assert dice_hd95(dot, empty) == (0.0, None)
+    assert dice_hd95(empty, dot) == (0.0, None)
+
+
+def test_segmentation_metrics_by_hand():
+    z = lambda: np.zeros((8, 8))  # noqa: E731
+    truth, pred, patients = [], [], []
+
+    def add(patient, t, p):
+        truth.append(t), pred.append(p), patients.append(patient)
+
+    add("A", _square(z(), 1, 1, 2, 2), _square(z(), 1, 1, 2, 2))  # perfect
+    add("A", z(), z())                                           # both empty
+    add("B", _square(z(), 2, 2, 1, 1), _square(z(), 2, 5, 1, 1))  # 3 px apart: Dice 0, HD95 3
+    add("C", _square(z(), 2, 2, 2, 2), z())                      # missed
+    add(None, z(), _square(z(), 4, 4, 1, 1))                     # false positive, no patient id
+    add("E", _square(z(), 3, 3, 2, 2), _square(z(), 3, 3, 1, 2))  # Dice 2*2/(4+2), HD95 1
+    masks = np.stack(truth)[..., None].astype(np.uint8)
+    proba = np.stack(pred)[..., None] * 0.9
+    m = segmentation_metrics(masks, proba, patients, [f"i{k}" for k in range(6)], threshold=0.5)
+    per = m["per_patient"]
+    assert set(per) == {"A", "B", "C", "i4", "E"}
+    assert (per["A"]["dice"], per["A"]["hd95"], per["A"]["slices"]) == (1.0, 0.0, 2)
+    assert (per["B"]["dice"], per["B"]["hd95"]) == (0.0, pytest.approx(3.0))
+    assert (per["C"]["dice"], per["C"]["hd95"]) == (0.0, None)
+    assert (per["i4"]["dice"], per["i4"]["hd95"]) == (0.0, None)
+    assert per["E"]["dice"] == pytest.approx(2 / 3) and per["E"]["hd95"] == pytest.approx(1.0)
+    assert m["dice"] == pytest.approx((1 + 0 + 0 + 0 + 2 / 3) / 5)
+    assert m["hd95"] == pytest.approx((0 + 3 + 1) / 3)
+    assert m["dice_tumour_slices"] == pytest.approx((1 + 0 + 0 + 2 / 3) / 4)
+    assert m["hd95_tumour_slices"] == pytest.approx((0 + 3 + 1) / 3)
+    assert (m["tumour_slices"], m["missed_tumour_slices"], m["false_positive_slices"]) == (4, 1, 1)
+
+
+def test_evaluate_stage_finds_centralized_and_federated_models(segmentation_data, tiny_params, tmp_path):
+    processed, partition = segmentation_data
+    models, out = tmp_path / "models", tmp_path / "reports"
+    with tracking.start_run(tiny_params, "centralized-classifier", {"training": "centralized"}) as active:
+        run_id = active.info.run_id
+    history = {"loss": [1.0, 0.5], "val_loss": [1.1, 0.7], "accuracy": [0.4, 0.6], "val_accuracy": [0.3, 0.5]}
+    save_model(build_model("cnn", (32, 32, 3), 2), models / "centralized" / "classifier.keras",
+               {"task": "classification", "model": "cnn", "training": "centralized", "privacy": "none",
+                "classes": ["no_tumor", "tumor"], "run_id": run_id, "history": history})
+    save_model(build_model("unet", (32, 32, 3), 2), models / "centralized" / "segmenter.keras",
+               {"task": "segmentation", "model": "unet", "training": "centralized", "run_id": None})
+    # A federated variant written by someone else, without a card: inferred from its path.
+    (models / "federated" / "dp").mkdir(parents=True)
+    build_model("cnn", (32, 32, 3), 2).save(models / "federated" / "dp" / "classifier.keras")
+
+    table = evaluate(tiny_params, processed, partition, models, out)
+    assert list(table["run"]) == ["centralized/classifier", "centralized/segmenter", "federated/dp/classifier"]
+    fed = table.set_index("run").loc["federated/dp/classifier"]
+    assert (fed["training"], fed["privacy"], fed["task"]) == ("federated", "dp", "classification")
+
+    metrics = json.loads((out / "metrics.json").read_text())
+    cls = metrics["centralized/classifier"]
+    assert 0.0 <= cls["test_accuracy"] <= 1.0 and "test_macro_f1" in cls and "test_roc_auc" in cls
+    assert {"test_dice", "test_dice_tumour_slices"} <= set(metrics["centralized/segmenter"])
+    csv = pd.read_csv(out / "comparison.csv")
+    assert {"run", "training", "model", "privacy", "accuracy", "macro_f1", "dice", "hd95", "epsilon"} <= set(csv)
+    assert len(csv) == 3 and "federated/dp/classifier" in (out / "comparison.md").read_text()
+    for name in ("centralized/classifier/confusion_matrix.png", "centralized/classifier/roc.png",
+                 "centralized/classifier/training_curves.png", "centralized/segmenter/overlays.png"):
+        assert (out / "plots" / name).stat().st_size > 1000, name
+    detail = json.loads((out / "evaluation.json").read_text())
+    assert len(detail["centralized/segmenter"]["metrics"]["per_patient"]) > 0
+
+    # Test metrics and plots land in the classifier's own training run.
+    mlflow.set_tracking_uri(tiny_params["mlflow"]["tracking_uri"])
+    client = mlflow.MlflowClient()
+    run = client.get_run(run_id)
+    assert run.data.metrics["test_accuracy"] == pytest.approx(cls["test_accuracy"])
+    artifacts = {a.path for a in client.list_artifacts(run_id, "evaluation")}
+    assert {"evaluation/confusion_matrix.png", "evaluation/metrics.json"} <= artifacts
+    # Models without a known run get an evaluation run of their own, tagged like a training run.
+    runs = mlflow.search_runs(experiment_names=["fedbrain-test"], filter_string="tags.training = 'federated'")
+    assert len(runs) == 1 and runs["tags.privacy"].iloc[0] == "dp"

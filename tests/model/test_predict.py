@@ -1,0 +1,93 @@
+"""predict: probabilities and masks for image files; bad files fail with their name."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from fedbrain.cli import main
+from fedbrain.errors import InputError
+from fedbrain.models import build_model
+from fedbrain.predict import run as predict
+from fedbrain.train import save_model
+
+PARAMS = {"preprocess": {"size": 32, "equalize": False, "bias_field": False}}
+
+
+@pytest.fixture
+def classifier(tmp_path):
+    path = tmp_path / "classifier.keras"
+    save_model(build_model("cnn", (32, 32, 1), 3), path, {"task": "classification", "classes": ["a", "b", "c"]})
+    return path
+
+
+def _jpeg(path, size=(40, 50)):
+    pixels = np.random.default_rng(0).integers(0, 255, (*size, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path)
+    return path
+
+
+def test_classifier_probabilities(classifier, tmp_path, capsys):
+    results = predict(PARAMS, classifier, [str(_jpeg(tmp_path / "x.jpg")), str(_jpeg(tmp_path / "y.png"))])
+    assert [r["image"].rsplit("/", 1)[-1] for r in results] == ["x.jpg", "y.png"]
+    probs = results[0]["probabilities"]
+    assert set(probs) == {"a", "b", "c"} and sum(probs.values()) == pytest.approx(1.0, abs=1e-4)
+    assert results[0]["prediction"] == max(probs, key=probs.get)
+    assert json.loads(capsys.readouterr().out) == results
+
+
+def test_segmenter_writes_a_mask_at_the_original_size(tmp_path):
+    model = tmp_path / "segmenter.keras"
+    save_model(build_model("unet", (32, 32, 3), 2), model, {"task": "segmentation"})
+    image = tmp_path / "slice_7.tif"
+    Image.fromarray(np.random.default_rng(1).integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(image)
+    [result] = predict(PARAMS, model, [str(image)], out=tmp_path / "out")
+    mask = np.asarray(Image.open(result["mask"]))
+    assert mask.shape == (48, 64) and set(np.unique(mask)) <= {0, 255}
+
+
+def test_corrupt_file_is_named_and_nothing_is_written(classifier, tmp_path):
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"\xff\xd8\xff not really a jpeg")
+    with pytest.raises(InputError, match="broken.jpg"):
+        predict(PARAMS, classifier, [str(_jpeg(tmp_path / "ok.jpg")), str(bad)])
+    result = CliRunner().invoke(main, ["predict", "--params", str(_params_file(tmp_path)), "--model", str(classifier),
+                                       str(bad)])
+    assert result.exit_code == 1
+    assert "broken.jpg" in result.output and "Traceback" not in result.output
+    with pytest.raises(InputError, match="missing.png: file not found"):
+        predict(PARAMS, classifier, [str(tmp_path / "missing.png")])
+
+
+def test_a_file_that_is_not_a_model_is_an_input_error(tmp_path):
+    fake = tmp_path / "model.keras"
+    fake.write_text("nope")
+    with pytest.raises(InputError, match="cannot load model"):
+        predict(PARAMS, fake, [str(_jpeg(tmp_path / "x.jpg"))])
+
+
+def _params_file(tmp_path):
+    import yaml
+
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(PARAMS))
+    return path
+
+
+def test_nifti_volume_uses_the_middle_or_the_given_slice(classifier, tmp_path):
+    import nibabel as nib
+
+    volume = np.zeros((40, 40, 5), np.float32)
+    volume[..., 2] = np.random.default_rng(2).uniform(size=(40, 40))  # only the middle slice has signal
+    path = tmp_path / "scan.nii.gz"
+    nib.save(nib.Nifti1Image(volume, np.eye(4)), path)
+    middle, = predict(PARAMS, classifier, [str(path)])
+    given, = predict(PARAMS, classifier, [str(path)], slice_index=2)
+    empty, = predict(PARAMS, classifier, [str(path)], slice_index=0)
+    assert middle["probabilities"] == given["probabilities"] != empty["probabilities"]
+    with pytest.raises(InputError, match="out of range"):
+        predict(PARAMS, classifier, [str(path)], slice_index=9)

@@ -1,0 +1,46 @@
+"""fedbrain.tracking: store selection, flattened params, shared metric names, steps."""
+
+from __future__ import annotations
+
+import mlflow
+
+from fedbrain import tracking
+
+
+def test_flatten_and_metric_names():
+    flat = tracking.flatten({"train": {"classifier": {"epochs": 3, "augment": {"hflip": True}}, "seed": 1},
+                             "data": {"classes": ["a", "b"]}})
+    assert flat == {"train.classifier.epochs": 3, "train.classifier.augment.hflip": True, "train.seed": 1,
+                    "data.classes": '["a", "b"]'}
+    assert [tracking.metric_name(k) for k in ("loss", "accuracy", "dice", "val_loss", "val_dice", "lr")] == [
+        "train_loss", "train_accuracy", "train_dice", "val_loss", "val_dice", "learning_rate"]
+
+
+def test_environment_overrides_params(monkeypatch, tmp_path):
+    params = {"mlflow": {"tracking_uri": "sqlite:///elsewhere.db"}}
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert tracking.tracking_uri(params) == "sqlite:///elsewhere.db"
+    assert tracking.tracking_uri({}) == tracking.DEFAULT_URI
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"file:{tmp_path / 'mlruns'}")
+    assert tracking.tracking_uri(params) == f"file:{tmp_path / 'mlruns'}"
+
+
+def test_run_with_params_tags_history_steps_and_artifact(tiny_params, tmp_path):
+    note = tmp_path / "note.txt"
+    note.write_text("hello")
+    with tracking.start_run(tiny_params, "federated-classifier", {"training": "federated", "task": "classification",
+                                                                  "model": "cnn"}) as run:
+        tracking.log_history({"loss": [0.9, 0.5, 0.4], "val_accuracy": [0.5, 0.7, 0.8]}, first_step=1)
+        tracking.log_metrics({"test_accuracy": 0.8, "test_hd95": None})
+        mlflow.log_artifact(str(note))
+    client = mlflow.MlflowClient(tiny_params["mlflow"]["tracking_uri"])
+    stored = client.get_run(run.info.run_id)
+    assert stored.info.run_name == "federated-classifier"
+    assert stored.data.tags["training"] == "federated"
+    assert stored.data.params["train.classifier.model"] == "cnn"
+    assert not any(k.startswith("mlflow.") for k in stored.data.params)
+    assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "train_loss")] == [
+        (1, 0.9), (2, 0.5), (3, 0.4)]
+    assert stored.data.metrics["test_accuracy"] == 0.8 and "test_hd95" not in stored.data.metrics
+    assert [a.path for a in client.list_artifacts(run.info.run_id)] == ["note.txt"]
+    assert client.get_experiment(stored.info.experiment_id).name == "fedbrain-test"

@@ -1,0 +1,168 @@
+"""Training: every model builds and takes a training step; fit's pipeline; the centralized stage + MLflow."""
+
+from __future__ import annotations
+
+import json
+
+import mlflow
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from fedbrain.dataset import load_split
+from fedbrain.errors import InputError
+from fedbrain.models import build_model
+from fedbrain.train import (DiceBCELoss, augment_batch, class_weights, compile_model, fit,
+                            run_centralized)
+
+
+def _one_step(name, shape, classes, task):
+    model = build_model(name, shape, classes)
+    compile_model(model, task, 1e-3)
+    x = np.random.default_rng(0).uniform(size=(2, *shape)).astype("float32")
+    y = np.eye(classes)[[0, 1]] if task == "classification" else (x[..., :1] > 0.5).astype("float32")
+    before = [w.copy() for w in model.get_weights()]
+    logs = model.train_on_batch(x, y, return_dict=True)
+    assert np.isfinite(logs["loss"])
+    assert any(not np.array_equal(a, b) for a, b in zip(before, model.get_weights()))
+    return model, logs
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_cnn_and_unet_train_one_step(channels):
+    model, logs = _one_step("cnn", (32, 32, channels), 4, "classification")
+    assert model.output_shape == (None, 4) and "accuracy" in logs
+    model, logs = _one_step("unet", (32, 32, channels), 2, "segmentation")
+    assert model.output_shape == (None, 32, 32, 1) and "dice" in logs
+
+
+@pytest.mark.slow
+# Gray input (repeated to RGB) for one, 4-channel input (learned 1x1 mix to RGB) for the other.
+@pytest.mark.parametrize(("name", "channels"), [("vgg16", 1), ("efficientnet_b0", 4)])
+def test_keras_applications_train_one_step(name, channels):
+    model, _ = _one_step(name, (32, 32, channels), 3, "classification")
+    assert model.output_shape == (None, 3)
+    # The paper's head: GAP, BatchNorm, Dropout 0.5, softmax.
+    kinds = [type(layer).__name__ for layer in model.layers[-4:]]
+    assert kinds == ["GlobalAveragePooling2D", "BatchNormalization", "Dropout", "Dense"]
+    assert model.layers[-2].rate == 0.5
+
+
+def test_bad_weights_are_input_errors(tmp_path):
+    with pytest.raises(InputError, match="not found"):
+        build_model("vgg16", (32, 32, 1), 2, weights=str(tmp_path / "missing.h5"))
+    with pytest.raises(InputError, match="no pretrained weights"):
+        build_model("cnn", (32, 32, 1), 2, weights="imagenet")
+    with pytest.raises(InputError, match="unknown model"):
+        build_model("resnet", (32, 32, 1), 2)
+
+
+def test_imagenet_unreachable_is_a_clear_error(monkeypatch):
+    # No internet here: make sure the error says what to do rather than leaking a socket trace.
+    def offline(*args, **kwargs):
+        raise OSError("no network")
+
+    from keras.src.utils import data_utils  # where Keras 2.15's applications fetch weights from
+
+    monkeypatch.setattr(data_utils, "get_file", offline)
+    with pytest.raises(InputError, match="ImageNet weights"):
+        build_model("efficientnet_b0", (32, 32, 3), 2, weights="imagenet")
+
+
+def test_models_round_trip_through_keras_files(tmp_path):
+    model = compile_model(build_model("unet", (32, 32, 1), 2), "segmentation", 1e-3)
+    model.save(tmp_path / "m.keras")
+    loaded = tf.keras.models.load_model(tmp_path / "m.keras", compile=False)
+    x = np.random.default_rng(1).uniform(size=(1, 32, 32, 1)).astype("float32")
+    np.testing.assert_allclose(model.predict(x, verbose=0), loaded.predict(x, verbose=0), atol=1e-6)
+
+
+def test_class_weights_balance_and_skip_absent_classes():
+    weights = class_weights(np.array([0, 0, 0, 1]), 3)
+    np.testing.assert_allclose(weights, [4 / 6, 4 / 2, 0.0])
+
+
+def test_dice_bce_is_zero_for_a_perfect_mask_and_per_example():
+    y = np.zeros((2, 8, 8, 1), "float32")
+    y[0, 2:5, 2:5] = 1
+    loss = DiceBCELoss(reduction=tf.keras.losses.Reduction.NONE)(y, y)
+    assert loss.shape == (2,) and np.allclose(loss, 0.0, atol=1e-5)
+
+
+def test_augmentation_moves_masks_with_their_images():
+    images = np.zeros((4, 16, 16, 1), "float32")
+    images[:, 2:6, 9:14] = 1.0
+    masks = images.copy()
+    out_images, out_masks = augment_batch(tf.constant(images), tf.constant(masks), tf.constant([3, 7], tf.int64),
+                                          {"rotation_deg": 15, "hflip": True, "vflip": True, "brightness": 0.0})
+    out_images, out_masks = out_images.numpy(), out_masks.numpy()
+    assert not np.array_equal(out_images, images)  # something moved
+    assert set(np.unique(out_masks)) <= {0.0, 1.0}  # masks stay binary (nearest neighbour)
+    # Where the (bilinear) image is clearly foreground, the mask is too.
+    assert np.all(out_masks[out_images > 0.9] == 1.0)
+    assert np.all(out_masks[out_images < 0.1] == 0.0)
+
+
+def test_fit_learns_and_returns_shared_history_keys(classification_data):
+    processed, partition = classification_data
+    train, val = load_split(processed, partition, "train"), load_split(processed, partition, "val")
+    model = compile_model(build_model("cnn", (32, 32, 1), 4), "classification", 3e-3)
+    history = fit(model, train, val, "classification", {"batch_size": 8}, epochs=2, seed=0, verbose=0)
+    assert {"loss", "accuracy", "val_loss", "val_accuracy", "lr"} <= set(history)
+    assert len(history["loss"]) == 2 and all(np.isfinite(history["loss"]))
+
+
+def test_fit_is_reproducible_with_a_seed(segmentation_data):
+    processed, partition = segmentation_data
+    train = load_split(processed, partition, "train", hospital=0)
+
+    def run():
+        tf.keras.utils.set_random_seed(5)
+        model = compile_model(build_model("unet", (32, 32, 3), 2), "segmentation", 1e-3)
+        return fit(model, train, None, "segmentation", {"batch_size": 8}, epochs=1, seed=5, verbose=0)
+
+    first, second = run(), run()
+    assert "dice" in first
+    assert first["loss"] == pytest.approx(second["loss"], rel=1e-4)
+
+
+def test_run_centralized_saves_models_and_one_mlflow_run_each(segmentation_data, tiny_params, tmp_path):
+    processed, partition = segmentation_data
+    out = tmp_path / "models" / "centralized"
+    cards = run_centralized(tiny_params, processed, partition, out)
+    assert set(cards) == {"classifier", "segmenter"}
+    for role in ("classifier", "segmenter"):
+        assert (out / f"{role}.keras").is_file()
+        card = json.loads((out / f"{role}.json").read_text())
+        assert card["training"] == "centralized" and len(card["history"]["loss"]) == 2
+        tf.keras.models.load_model(out / f"{role}.keras", compile=False)
+    assert set(json.loads((out / "history.json").read_text())) == {"classifier", "segmenter"}
+    assert not list(out.glob(".*tmp*"))
+
+    mlflow.set_tracking_uri(tiny_params["mlflow"]["tracking_uri"])
+    client = mlflow.MlflowClient()
+    run = client.get_run(cards["segmenter"]["run_id"])
+    assert run.data.tags["task"] == "segmentation" and run.data.tags["training"] == "centralized"
+    assert run.data.tags["model"] == "unet"
+    assert run.data.params["train.segmenter.model"] == "unet"
+    assert run.data.params["train.seed"] == "1"
+    steps = client.get_metric_history(run.info.run_id, "val_dice")
+    assert [m.step for m in steps] == [0, 1]
+    assert {"train_loss", "train_dice", "val_loss", "learning_rate"} <= set(run.data.metrics)
+    run = client.get_run(cards["classifier"]["run_id"])
+    assert {"train_accuracy", "val_accuracy"} <= set(run.data.metrics)
+    assert run.data.tags["task"] == "classification"
+    # The model is logged as an MLflow TensorFlow model and loads back.
+    loaded = mlflow.tensorflow.load_model(f"runs:/{run.info.run_id}/model")
+    assert loaded.output_shape == (None, 2)
+
+
+def test_tumour_slices_are_oversampled_for_segmentation_only(segmentation_data):
+    from fedbrain.train import epoch_indices
+
+    processed, partition = segmentation_data
+    train = load_split(processed, partition, "train")
+    tumour = int((train.masks.reshape(len(train), -1).max(axis=1) > 0).sum())
+    assert 0 < tumour < len(train)
+    assert len(epoch_indices(train, "segmentation", 3)) == len(train) + 2 * tumour
+    assert list(epoch_indices(train, "classification", 3)) == list(range(len(train)))

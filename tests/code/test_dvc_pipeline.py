@@ -9,10 +9,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from conftest import PROJECT
 
-DATA_STAGES = ("ingest", "validate", "preprocess", "partition")
+STAGES = ("ingest", "validate", "preprocess", "partition", "train-centralized", "train-federated", "evaluate")
 
 
 def project_files() -> list[str]:
@@ -29,6 +30,11 @@ def project_copy(tmp_path_factory) -> Path:
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(PROJECT / relative, target)
     subprocess.run(["git", "init", "-q"], cwd=copy, check=True)
+    # The pipeline's mechanics, not model quality, are under test: a few epochs and rounds.
+    params = yaml.safe_load((copy / "params.yaml").read_text())
+    params["train"]["classifier"]["epochs"] = 2
+    params["federated"].update(rounds=2, local_epochs=1)
+    (copy / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     return copy
 
 
@@ -42,15 +48,17 @@ def dvc(*args, cwd):
 def test_repro_twice_on_embedded_sample(project_copy):
     first = dvc("repro", cwd=project_copy)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
-    for stage in DATA_STAGES:
+    for stage in STAGES:
         assert f"Running stage '{stage}'" in first.stdout
     assert (project_copy / "data" / "partition" / "report.json").is_file()
     assert (project_copy / "reports" / "validation" / "data_docs" / "index.html").is_file()
+    comparison = (project_copy / "reports" / "comparison.csv").read_text()
+    assert "centralized" in comparison and "federated" in comparison
 
     second = dvc("repro", cwd=project_copy)
     assert second.returncode == 0, second.stderr[-3000:]
     assert "Running stage" not in second.stdout, second.stdout
 
     dag = dvc("dag", cwd=project_copy)
-    for stage in DATA_STAGES:
+    for stage in STAGES:
         assert stage in dag.stdout

@@ -103,7 +103,9 @@ def test_batch_norm_statistics_are_those_of_the_layer_input(tmp_path):
     import numpy as np
     import tensorflow as tf
 
-    from fedbrain.federated.task import RunSettings, batch_norm_statistics, hospital_data
+    from dataclasses import replace
+
+    from fedbrain.federated.task import RunSettings, batch_norm_statistics, hospital_data, lr_scale
 
     processed, partition = make_federated_data(tmp_path / "data", hospitals=2)
     params = federated_params(tmp_path)
@@ -112,8 +114,10 @@ def test_batch_norm_statistics_are_those_of_the_layer_input(tmp_path):
            "train-params": json.dumps({**params["train"]["classifier"], "batch_size": 5}), "params": "{}",
            "fraction-train": 1.0, "fraction-evaluate": 1.0, "min-train-nodes": 2, "min-evaluate-nodes": 2,
            "min-available-nodes": 2, "round-timeout": 1.0, "node-wait-timeout": 1.0, "resume": False,
-           "run-name": "t", "secure": True}
+           "run-name": "t", "secure": True, "calibration-images": 0, "lr-decay": "cosine"}
     settings = RunSettings.from_run_config(cfg)
+    assert [round(lr_scale(replace(settings, rounds=2), r), 3) for r in (1, 2)] == [1.0, 0.5]  # cosine
+    assert lr_scale(replace(settings, lr_decay="none"), 2) == 1.0
     inputs = tf.keras.Input((16, 16, 1))
     model = tf.keras.Model(inputs, tf.keras.layers.Dense(4)(tf.keras.layers.BatchNormalization()(inputs)))
     stats, seen, _ = batch_norm_statistics(model, settings, hospital=1)
@@ -122,6 +126,9 @@ def test_batch_norm_statistics_are_those_of_the_layer_input(tmp_path):
     assert stats[0] == pytest.approx([images.mean()], rel=1e-4)
     assert stats[1] == pytest.approx([images.var()], rel=1e-3)
     assert model.layers[1].momentum == 0.99  # restored
+    # A seeded sample when calibration_images is smaller than the split.
+    sample, seen, _ = batch_norm_statistics(model, replace(settings, calibration_images=5), hospital=1)
+    assert seen == 5 and sample[0] != pytest.approx(stats[0], rel=1e-6)
 
 
 def test_pooled_statistics_follow_the_law_of_total_variance():

@@ -1,7 +1,7 @@
 """The ClientApp: one hospital. It trains and evaluates on its own partition only.
 
-Which hospital it is comes from its SuperNode (``--node-config partition-id=<k>``), so the same
-app bundle runs everywhere and a hospital cannot ask for another's data. Each reply carries the
+Which hospital it is comes from its SuperNode (``--node-config partition-id=<k>``), not from
+the server's messages, so the same app bundle runs at every hospital. Each reply carries the
 update (train) or metrics (evaluate) weighted by the hospital's number of examples, plus what
 the server records about the hospital: its number, its examples and its training time.
 
@@ -30,8 +30,8 @@ def _train_name(key: str) -> str:
     return f"local_{key}" if key.startswith("val_") else f"train_{key}"
 
 
-def _model(msg: Message, settings: RunSettings):
-    model = build(settings)
+def _model(msg: Message, settings: RunSettings, learning_rate: float | None = None):
+    model = build(settings, learning_rate=learning_rate)
     model.set_weights(msg.content["arrays"].to_numpy_ndarrays())
     return model
 
@@ -40,8 +40,10 @@ def _model(msg: Message, settings: RunSettings):
 def train(msg: Message, context: Context) -> Message:
     settings = RunSettings.from_run_config(context.run_config)
     hospital = _hospital(context)
-    server_round = int(msg.content["config"]["server-round"])
-    model = _model(msg, settings)
+    config = msg.content["config"]
+    server_round = int(config["server-round"])
+    # The server's per-round learning-rate share (task.lr_scale), applied to train.<role>'s rate.
+    model = _model(msg, settings, settings.learning_rate * float(config.get("lr-scale", 1.0)))
     evaluation, val_examples = evaluate_locally(model, settings, hospital)
     history, seconds, examples = train_locally(model, settings, hospital, server_round)
     # The epoch whose weights go back (fit keeps the best on local validation): train_loss,

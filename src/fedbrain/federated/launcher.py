@@ -72,6 +72,8 @@ class FederatedSettings:
     round_timeout: float = 3600.0
     node_wait_timeout: float = 600.0
     state_dir: str = ".fedbrain"
+    calibration_images: int = 512
+    lr_decay: str = "cosine"
     train: dict = field(default_factory=dict)
 
     @classmethod
@@ -95,12 +97,17 @@ class FederatedSettings:
             round_timeout=get(sec, "round_timeout", float, where, default=d.round_timeout),
             node_wait_timeout=get(sec, "node_wait_timeout", float, where, default=d.node_wait_timeout),
             state_dir=get(sec, "state_dir", str, where, default=d.state_dir),
+            calibration_images=get(sec, "calibration_images", int, where, default=d.calibration_images),
+            lr_decay=get(sec, "lr_decay", str, where, choices=("cosine", "none"), default=d.lr_decay),
             train=get(sec, "train", dict, where, default={}) or {},
         )
         settings.check()
         return settings
 
     def check(self) -> None:
+        if self.calibration_images < 0:
+            raise InputError(f"params.yaml: 'federated.calibration_images' is {self.calibration_images}; "
+                             f"use 0 (all) or more")
         for key in ("rounds", "local_epochs", "min_train_nodes", "min_available_nodes"):
             if getattr(self, key) < 1:
                 raise InputError(f"params.yaml: 'federated.{key}' is {getattr(self, key)}; use 1 or more")
@@ -493,6 +500,8 @@ def run_config(settings: FederatedSettings, params: dict, role: str, processed: 
         "resume": resume,
         "run-name": f"federated-{out.name}-{role}",
         "secure": secure,
+        "calibration-images": settings.calibration_images,
+        "lr-decay": settings.lr_decay,
     }
 
 
@@ -533,7 +542,7 @@ def run(params: dict, processed: Path, partition: Path, out: Path, resume: bool 
     """
     processed, partition, out = Path(processed), Path(partition), Path(out)
     settings, roles, hospitals = prepare(params, processed, partition, out, resume)
-    state = Path(settings.state_dir)
+    state = Path(settings.state_dir).resolve()  # the Flower processes run with another cwd
     workdir = state / "federation" / out.name
     shutil.rmtree(workdir, ignore_errors=True)  # the previous run's logs and app bundles
     if insecure:

@@ -42,7 +42,8 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
 from fedbrain.federated.strategy import HospitalFedAvg, content_bytes
-from fedbrain.federated.task import VAL_WEIGHT_KEY, WEIGHT_KEY, RunSettings, batch_norm_layers, build
+from fedbrain.federated.task import (VAL_WEIGHT_KEY, WEIGHT_KEY, RunSettings, batch_norm_layers, build,
+                                    lr_scale)
 
 app = ServerApp()
 
@@ -181,7 +182,8 @@ def train_round(grid: Grid, strategy: HospitalFedAvg, settings: RunSettings, ser
     record = RoundRecord(round=server_round, nodes_online=len(online))
     previous = RoundRecord(round=server_round - 1, nodes_online=len(online))
     start = time.perf_counter()
-    messages = list(strategy.configure_train(server_round, arrays, ConfigRecord(), grid))
+    scale = lr_scale(settings, server_round)
+    messages = list(strategy.configure_train(server_round, arrays, ConfigRecord({"lr-scale": scale}), grid))
     record.bytes_down = sum(content_bytes(m) for m in messages)
     replies, unanswered = exchange(grid, strategy, messages, settings.round_timeout)
     new_arrays, averaged = strategy.aggregate_train(server_round, replies)
@@ -197,6 +199,7 @@ def train_round(grid: Grid, strategy: HospitalFedAvg, settings: RunSettings, ser
                                  **_metric_values(report, ("val_",))}
     averaged = {k: float(v) for k, v in (averaged or {}).items()}
     record.metrics = {k: v for k, v in averaged.items() if not k.startswith("val_")}
+    record.metrics["learning_rate"] = settings.learning_rate * scale
     previous.metrics = {k: v for k, v in averaged.items() if k.startswith("val_")}
     if new_arrays is None:
         log(WARNING, "round %d: no hospital returned an update; the global model is unchanged", server_round)

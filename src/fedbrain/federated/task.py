@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import importlib
 import json
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 from fedbrain.config import get
 from fedbrain.dataset import Split, load_classes, load_split
@@ -49,6 +52,8 @@ class RunSettings:
     resume: bool
     run_name: str
     secure: bool
+    calibration_images: int
+    lr_decay: str
 
     @classmethod
     def from_run_config(cls, cfg) -> RunSettings:
@@ -80,6 +85,8 @@ class RunSettings:
             resume=bool(cfg["resume"]),
             run_name=str(cfg["run-name"]),
             secure=bool(cfg["secure"]),
+            calibration_images=int(cfg["calibration-images"]),
+            lr_decay=str(cfg["lr-decay"]),
         )
 
     @property
@@ -87,7 +94,19 @@ class RunSettings:
         return get(self.train_params, "learning_rate", float, f"train.{self.role}")
 
 
-def build(settings: RunSettings, compiled: bool = True):
+def lr_scale(settings: RunSettings, server_round: int) -> float:
+    """The share of train.<role>.learning_rate a hospital starts round `server_round` with.
+
+    'cosine' decays it over the rounds (1 in round 1, ~0 by the last), as the centralized run's
+    schedule does over its epochs: late rounds then move every hospital only a little from the
+    global model, so their average stays close to each of them. 'none': every round at full rate.
+    """
+    if settings.lr_decay == "none":
+        return 1.0
+    return 0.5 * (1.0 + math.cos(math.pi * (server_round - 1) / settings.rounds))
+
+
+def build(settings: RunSettings, compiled: bool = True, learning_rate: float | None = None):
     """The role's network for this dataset's image shape and classes (compiled as the baseline is)."""
     from fedbrain.models import build_model
     from fedbrain.train import compile_model
@@ -102,7 +121,7 @@ def build(settings: RunSettings, compiled: bool = True):
     else:
         model = build_model(settings.model, shape, len(info["classes"]), settings.weights)
     if compiled:
-        compile_model(model, settings.task, settings.learning_rate,
+        compile_model(model, settings.task, learning_rate or settings.learning_rate,
                       label_smoothing=float(settings.train_params.get("label_smoothing", 0.0)))
     return model
 
@@ -160,7 +179,8 @@ def batch_norm_layers(model) -> list:
 
 def batch_norm_statistics(model, settings: RunSettings, hospital: int) -> tuple[list, int, float]:
     """Per BatchNormalization layer, the mean and variance of its input over this hospital's
-    training images under the given weights: ([mean_1, var_1, mean_2, ...], images, seconds).
+    training images (a sample of `calibration_images`, 0 = all) under the given weights:
+    ([mean_1, var_1, mean_2, ...], images, seconds).
 
     Why: FedAvg averages each hospital's moving statistics, but those describe the hospital's
     own model, not the averaged one; a global model with them predicts one class for everything.
@@ -172,6 +192,12 @@ def batch_norm_statistics(model, settings: RunSettings, hospital: int) -> tuple[
 
     start = time.perf_counter()
     data = hospital_data(settings, hospital, "train")
+    if 0 < settings.calibration_images < len(data):
+        # A seeded random sample: the split is stored in label order, its head is one class.
+        keep = np.sort(np.random.default_rng(settings.seed).choice(len(data), settings.calibration_images,
+                                                                   replace=False))
+        data = Split(data.images[keep], data.labels[keep], None if data.masks is None else data.masks[keep],
+                     [data.image_ids[i] for i in keep], [data.patient_ids[i] for i in keep])
     layers = batch_norm_layers(model)
     num_classes = int(model.output_shape[-1]) if settings.task == "classification" else 1
     batch_size = int(settings.train_params.get("batch_size", 32))

@@ -223,11 +223,12 @@ def plot_overlays(split: Split, proba: np.ndarray, threshold: float, count: int,
 # --------------------------------------------------------------------------- models
 
 def discover(models: Path) -> list[Path]:
-    """Every saved model under ``models`` (skipping half-written temp files)."""
+    """Every final model under ``models`` (not half-written temp files, not per-round checkpoints)."""
     models = Path(models)
     if not models.is_dir():
         raise InputError(f"{models}: no models folder; run train-centralized (or train-federated) first")
-    found = sorted(p for p in models.rglob("*.keras") if not p.name.startswith("."))
+    found = sorted(p for p in models.rglob("*.keras")
+                   if not p.name.startswith(".") and "checkpoints" not in p.relative_to(models).parts)
     if not found:
         raise InputError(f"{models}: no *.keras models found; run train-centralized (or train-federated) first")
     return found

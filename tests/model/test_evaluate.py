@@ -129,3 +129,14 @@ def test_evaluate_stage_finds_centralized_and_federated_models(segmentation_data
     # Models without a known run get an evaluation run of their own, tagged like a training run.
     runs = mlflow.search_runs(experiment_names=["fedbrain-test"], filter_string="tags.training = 'federated'")
     assert len(runs) == 1 and runs["tags.privacy"].iloc[0] == "dp"
+
+
+def test_discover_skips_per_round_checkpoints(tmp_path):
+    from fedbrain.evaluate import discover
+
+    for relative in ("centralized/classifier.keras", "federated/fedavg/classifier.keras",
+                     "federated/fedavg/checkpoints/classifier/round_3.keras", "centralized/.tmp.keras"):
+        (tmp_path / relative).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / relative).write_bytes(b"")
+    assert [p.relative_to(tmp_path).as_posix() for p in discover(tmp_path)] == [
+        "centralized/classifier.keras", "federated/fedavg/classifier.keras"]

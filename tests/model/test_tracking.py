@@ -44,3 +44,13 @@ def test_run_with_params_tags_history_steps_and_artifact(tiny_params, tmp_path):
     assert stored.data.metrics["test_accuracy"] == 0.8 and "test_hd95" not in stored.data.metrics
     assert [a.path for a in client.list_artifacts(run.info.run_id)] == ["note.txt"]
     assert client.get_experiment(stored.info.experiment_id).name == "fedbrain-test"
+
+
+def test_card_is_logged_when_models_are_not(tiny_params, tmp_path):
+    params = {**tiny_params, "mlflow": {**tiny_params["mlflow"], "log_models": False}}
+    card = tmp_path / "classifier.json"
+    card.write_text("{}")
+    with tracking.start_run(params, "centralized-classifier", {"training": "centralized"}) as run:
+        tracking.log_keras_model(params, model=None, path=tmp_path / "classifier.keras")
+    client = mlflow.MlflowClient(params["mlflow"]["tracking_uri"])
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "card")] == ["card/classifier.json"]

@@ -1,6 +1,7 @@
 """Federated vs centralized on the real data beside the project (not a test).
 
-  .venv/bin/python bench/federated.py [classifier] [segmenter]   (default: both)
+  .venv/bin/python bench/federated.py [classifier] [segmenter] [--rounds R] [--local-epochs E]
+  (default: both, with params.yaml's federated.rounds and federated.local_epochs)
 
 classifier  brain-tumor-mri/Training, 3 hospitals, Dirichlet alpha 0.5: FedAvg through the real
             Deployment Engine (fedbrain.federated.launcher: SuperLink + 3 SuperNodes on loopback,
@@ -20,6 +21,7 @@ has not left one. The federated model goes to build/bench/<dataset>/models/feder
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import statistics
@@ -50,10 +52,11 @@ DATASETS = {
 }
 
 
-def bench_params(root: Path, partition: dict, role: str) -> dict:
+def bench_params(root: Path, partition: dict, role: str, overrides: dict) -> dict:
     params = centralized.params_for(root)
     params["partition"].update(partition)
-    params["federated"] = {**params["federated"], "roles": role, "state_dir": str(WORK / "federated-state")}
+    params["federated"] = {**params["federated"], "roles": role, "state_dir": str(WORK / "federated-state"),
+                           **overrides}
     # Not centralized.py's store: its runs may be writing to that SQLite file right now.
     params["mlflow"] = {**params["mlflow"], "tracking_uri": f"sqlite:///{WORK / 'federated-mlflow.db'}",
                         "artifact_location": str(WORK / "federated-mlruns")}
@@ -93,7 +96,7 @@ def overhead_report(card: dict) -> str:
         share = (record["wall_time_s"] - slowest) / record["wall_time_s"]
         shares.append(share)
         rows.append(f"    round {record['round']:2d}: wall {record['wall_time_s']:7.1f} s, slowest hospital "
-                    f"trained {slowest:7.1f} s, overhead {share:6.1%}, val {_val(record)}, "
+                    f"trained {slowest:7.1f} s, overhead {share:6.1%}, global model {_val(record)}, "
                     f"up {record['bytes_up'] / 1e6:.1f} MB / down {record['bytes_down'] / 1e6:.1f} MB")
     return "\n".join(rows) + (f"\n    overhead per round: median {statistics.median(shares):.1%}, "
                               f"max {max(shares):.1%} (target 10%)")
@@ -110,9 +113,9 @@ def run_federated(params: dict, processed: Path, parts: Path, models: Path) -> t
     return out, time.perf_counter() - start
 
 
-def bench(role: str) -> None:
+def bench(role: str, overrides: dict) -> None:
     name, root, partition = DATASETS[role]
-    params = bench_params(root, partition, role)
+    params = bench_params(root, partition, role, overrides)
     processed, parts = centralized.prepare(name, root, params)
     check_partition(parts, partition)
     models = WORK / name / "models"
@@ -140,5 +143,13 @@ def bench(role: str) -> None:
 
 
 if __name__ == "__main__":
-    for part in sys.argv[1:] or ["classifier", "segmenter"]:
-        bench(part)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("parts", nargs="*", help="classifier and/or segmenter (default: both)")
+    parser.add_argument("--rounds", type=int)
+    parser.add_argument("--local-epochs", type=int)
+    args = parser.parse_args()
+    if unknown := set(args.parts) - set(DATASETS):
+        parser.error(f"unknown part(s) {sorted(unknown)}; use classifier and/or segmenter")
+    overrides = {k: v for k, v in (("rounds", args.rounds), ("local_epochs", args.local_epochs)) if v}
+    for part in args.parts or ["classifier", "segmenter"]:
+        bench(part, overrides)

@@ -15,6 +15,7 @@ import signal
 import socket
 import ssl
 import stat
+import threading
 import time
 from pathlib import Path
 
@@ -34,6 +35,13 @@ from federated_data import federated_params, make_federated_data
 TESTS_DIR = Path(__file__).resolve().parent
 TINY = "tiny_model:build"              # with BatchNormalization: a calibration message per round
 TINY_PLAIN = "tiny_model:build_plain"  # without: one message per round, for the longer scenarios
+
+
+@pytest.fixture(autouse=True)
+def _no_outside_mlflow(monkeypatch):
+    """Only the params' MLflow store (in tmp_path) counts, whatever the caller's environment says."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
 
 
 @pytest.fixture
@@ -58,7 +66,7 @@ def federation_processes(root: Path) -> list[psutil.Process]:
         try:
             if proc.environ().get("FLWR_HOME", "").startswith(str(root)) and proc.status() != psutil.STATUS_ZOMBIE:
                 found.append(proc)
-        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+        except psutil.Error:  # gone, a zombie, or not ours to read
             pass
     return found
 
@@ -69,7 +77,7 @@ def commands(root: Path) -> list[str]:
     for proc in federation_processes(root):
         try:
             found.append(" ".join(proc.cmdline()[:2]))
-        except psutil.NoSuchProcess:
+        except psutil.Error:
             pass
     return found
 
@@ -81,7 +89,7 @@ def listening_addresses(root: Path) -> set[tuple[str, int]]:
         try:
             found |= {(c.laddr.ip, c.laddr.port) for c in proc.net_connections(kind="tcp")
                       if c.status == psutil.CONN_LISTEN}
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
+        except psutil.Error:
             pass
     return found
 
@@ -265,10 +273,11 @@ def test_interrupted_launcher_stops_every_process_and_resume_continues(tmp_path,
     processed, partition = make_federated_data(tmp_path / "data", hospitals=2)
     params = tiny_params(tmp_path, rounds=2, model=TINY_PLAIN)
     out = tmp_path / "models" / "fedavg"
-    seen = []
+    seen, fired = [], threading.Event()
 
     def interrupt_after_round_1(line: str) -> None:
-        if "round 1 done" in line and not seen:
+        if "round 1 done" in line and not fired.is_set():
+            fired.set()
             seen.extend(commands(tmp_path))
             os.kill(os.getpid(), signal.SIGTERM)
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import yaml
 
-from conftest import CLASSES, PROJECT
+from helpers import CLASSES, PROJECT
 
 
 def fedbrain(*args, cwd):

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import PROJECT
+from helpers import PROJECT
 
 STAGES = ("ingest", "validate", "preprocess", "partition", "train-centralized", "train-federated", "evaluate")
 

@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from conftest import CLASSES, shared_path, write_jpeg
+from helpers import CLASSES, shared_path, write_jpeg
 from fedbrain.errors import InputError
 from fedbrain.ingest import COLUMNS, build_manifest, detect_layout
 

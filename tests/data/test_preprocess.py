@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from conftest import CLASSES, shared_path
+from helpers import CLASSES, shared_path
 from fedbrain import ingest, preprocess
 from fedbrain.errors import InputError
 

@@ -267,6 +267,7 @@ class Federation:
         self.superlink: Started | None = None
         self.control: Control | None = None
         self.supernodes: dict[str, Started] = {}
+        self.clientapps: dict[str, Started] = {}  # hospital name -> its ClientApp process
         self.env = self._environment(env)
 
     # environment shared by every process of the federation
@@ -359,8 +360,11 @@ class Federation:
         node_config = f"partition-id={hospital} hospital-name=\"{name}\""
         if hospitals is not None:
             node_config += f" num-partitions={hospitals}"
-        cmd = ["flower-supernode", "--superlink", self.fleet_address,
-               "--clientappio-api-address", f"{LOOPBACK}:{free_port()}",
+        appio = f"{LOOPBACK}:{free_port()}"
+        # --isolation process: the ClientApp runs in this hospital's clientapp_runtime process
+        # (started below, TensorFlow imported once), not in a new process per message.
+        cmd = ["flower-supernode", "--superlink", self.fleet_address, "--isolation", "process",
+               "--clientappio-api-address", appio,
                "--node-config", node_config]  # its app bundles go to FLWR_HOME (the run's folder)
         if self.secure:
             private, _ = ensure_supernode_key(self.pki, name)
@@ -375,6 +379,9 @@ class Federation:
             cmd += ["--insecure"]
         started = self._spawn(f"supernode_{name}", cmd)
         self.supernodes[name] = started
+        self.clientapps[name] = self._spawn(f"clientapp_{name}", [
+            sys.executable, "-m", "fedbrain.federated.clientapp_runtime", "--appio-api-address", appio,
+            "--flwr-dir", str(self.flwr_home), "--parent-pid", str(started.proc.pid)])
         return started
 
     def start_supernodes(self, hospitals: list[int]) -> None:
@@ -386,8 +393,8 @@ class Federation:
             self.start_supernode(k, register=False, hospitals=len(hospitals))
 
     def kill_supernode(self, name: str, sig: int = signal.SIGKILL) -> None:
-        """Stop one SuperNode and its ClientApps (SIGKILL: a crash, no goodbye to the SuperLink)."""
-        stop_process_group(self.supernodes[name].proc, sig=sig, grace=STOP_GRACE_S)
+        """Stop one SuperNode and its ClientApp process (SIGKILL: a crash, no goodbye to the SuperLink)."""
+        stop_process_groups([self.supernodes[name].proc, self.clientapps[name].proc], sig=sig, grace=STOP_GRACE_S)
 
     # --- runs ----------------------------------------------------------------------------------
     def submit(self, run_config: dict, on_line: Callable[[str], None] | None = None) -> RunHandle:
@@ -416,7 +423,7 @@ class Federation:
         return pids
 
     def all_started(self) -> list[Started]:
-        return [s for s in (self.superlink, *self.supernodes.values()) if s is not None]
+        return [s for s in (self.superlink, *self.supernodes.values(), *self.clientapps.values()) if s is not None]
 
     def close(self) -> None:
         """Stop every process group this federation started, and anything left of their trees."""

@@ -20,32 +20,45 @@ SIZE = 16
 CLASSES = ["glioma", "meningioma", "notumor", "pituitary"]
 
 
+SEGMENTATION_CLASSES = ["no_tumor", "tumor"]
+
+
 def make_federated_data(root: Path, hospitals: int, train_per_class: int = 3, val_per_class: int = 1,
-                        test_per_class: int = 1, seed: int = 0) -> tuple[Path, Path]:
-    """processed/ and partition/ with `hospitals` hospitals of distinct images each."""
+                        test_per_class: int = 1, seed: int = 0, masks: bool = False) -> tuple[Path, Path]:
+    """processed/ and partition/ with `hospitals` hospitals of distinct images each.
+
+    masks=True: a segmentation set (no_tumor / tumor), the bright square of a tumour image being
+    its mask."""
+    classes = SEGMENTATION_CLASSES if masks else CLASSES
     rng = np.random.default_rng(seed)
     rows = []  # (label, split, hospital)
     for k in range(hospitals):
-        for label in range(len(CLASSES)):
+        for label in range(len(classes)):
             rows += [(label, "train", k)] * train_per_class + [(label, "val", k)] * val_per_class
-    for label in range(len(CLASSES)):
+    for label in range(len(classes)):
         rows += [(label, "test", -1)] * test_per_class
     labels = np.array([r[0] for r in rows])
     n = len(rows)
     images = rng.uniform(0.0, 0.2, (n, SIZE, SIZE, 1)).astype(np.float32)
+    tumour = np.zeros((n, SIZE, SIZE, 1), np.uint8)
     for i, label in enumerate(labels):
-        y = 4 * label
+        if masks and classes[label] == "no_tumor":
+            continue
+        y = 4 * label if not masks else int(rng.integers(0, SIZE - 4))
         images[i, y:y + 4, 4:12, 0] = 0.9
+        tumour[i, y:y + 4, 4:12, 0] = 1
     processed, partition = root / "processed", root / "partition"
     processed.mkdir(parents=True)
     partition.mkdir(parents=True)
     np.save(processed / "images.npy", images)
+    if masks:
+        np.save(processed / "masks.npy", tumour)
     ids = [f"img{i:03d}" for i in range(n)]
     index = pd.DataFrame({"row": np.arange(n), "image_id": ids, "patient_id": [None] * n,
-                          "label": [CLASSES[k] for k in labels], "label_index": labels})
+                          "label": [classes[k] for k in labels], "label_index": labels})
     index.to_parquet(processed / "index.parquet")
     (processed / "classes.json").write_text(json.dumps(
-        {"classes": CLASSES, "has_masks": False, "channels": 1, "size": SIZE}))
+        {"classes": classes, "has_masks": masks, "channels": 1, "size": SIZE}))
     splits = index.assign(site=None, split=[r[1] for r in rows], hospital=[r[2] for r in rows])
     splits.to_parquet(partition / "splits.parquet")
     for k in range(hospitals):

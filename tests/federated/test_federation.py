@@ -2,8 +2,9 @@
 
 TLS and SuperNode authentication are on (keys made in tmp_path), the ClientApps train a tiny
 Keras model on tiny per-hospital data, and the ServerApp logs to an MLflow store in tmp_path.
-What costs time here is Flower's: a Python + TensorFlow start per ClientApp message, and in the
-crash test the SuperLink's heartbeat timeout (about a minute) before it declares a node dead.
+What costs time here is Flower's: polling intervals of a few seconds per message, a Python +
+TensorFlow start per hospital, and in the crash test the SuperLink's heartbeat timeout (about a
+minute) before it declares a node dead.
 """
 
 from __future__ import annotations
@@ -72,11 +73,11 @@ def federation_processes(root: Path) -> list[psutil.Process]:
 
 
 def commands(root: Path) -> list[str]:
-    """The program and first argument of each of those processes (skipping any that just ended)."""
+    """The program and first two arguments of each of those processes (skipping any that just ended)."""
     found = []
     for proc in federation_processes(root):
         try:
-            found.append(" ".join(proc.cmdline()[:2]))
+            found.append(" ".join(proc.cmdline()[:3]))
         except psutil.Error:
             pass
     return found
@@ -145,7 +146,15 @@ def test_two_rounds_three_hospitals_tls_auth_tracked_and_cleaned_up(tmp_path, ti
     assert any("flower-superlink" in c for c in during), during
     assert sum("flower-supernode" in c for c in during) == 3, during
     assert any("flwr-serverapp" in c for c in during), during
+    # Each hospital's ClientApp runs in one long-lived process (TensorFlow imported once), not
+    # in a new flwr-clientapp process per message.
+    assert sum("fedbrain.federated.clientapp_runtime" in c for c in during) == 3, during
+    assert not any("flwr-clientapp" in c for c in during), during
     assert federation_processes(tmp_path) == []
+    logs = tmp_path / ".fedbrain" / "federation" / "fedavg" / "logs"
+    for k in range(3):
+        # 2 x (train + BatchNorm calibration) + the final evaluation, all in that one process.
+        assert (logs / f"clientapp_hospital_{k}.log").read_text().count("Pull `ClientAppInputs`") == 5
     # Every API of the federation listens on loopback only.
     assert listening and all(is_loopback(host) for host, _ in listening), listening
 
@@ -153,7 +162,7 @@ def test_two_rounds_three_hospitals_tls_auth_tracked_and_cleaned_up(tmp_path, ti
     pki = tmp_path / ".fedbrain" / "pki"
     for private in [pki / "ca.key", pki / "superlink.key", *(pki / "supernodes" / f"hospital_{k}" for k in range(3))]:
         assert stat.S_IMODE(private.stat().st_mode) == 0o600, private
-    superlink_log = (tmp_path / ".fedbrain" / "federation" / "fedavg" / "logs" / "superlink.log").read_text()
+    superlink_log = (logs / "superlink.log").read_text()
     assert superlink_log.count("Activated node_id") == 3
     assert launcher.INSECURE_WARNING not in lines
 
@@ -302,3 +311,28 @@ def test_interrupted_launcher_stops_every_process_and_resume_continues(tmp_path,
     (run,) = client.search_runs([client.get_experiment_by_name("fedbrain-test").experiment_id])
     assert run.info.run_id == saved["run_id"] == card["run_id"] and run.info.status == "FINISHED"
     assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "val_accuracy")) == [1, 2]
+
+
+def test_insecure_flag_warns_and_a_segmenter_trains_federated(tmp_path, tiny_model):
+    """--insecure: a warning, no keys made, TLS off; and the U-Net's task (masks, Dice) runs federated."""
+    processed, partition = make_federated_data(tmp_path / "data", hospitals=2, masks=True)
+    params = federated_params(tmp_path, rounds=1, roles="segmenter")
+    params["train"]["segmenter"] = {**params["train"]["classifier"], "model": "tiny_model:build_segmenter"}
+    out = tmp_path / "models" / "federated" / "fedavg"
+    lines = []
+
+    history = launcher.run(params, processed, partition, out, insecure=True, echo=lines.append)
+
+    assert launcher.INSECURE_WARNING in lines
+    assert not (tmp_path / ".fedbrain" / "pki").exists()
+    assert federation_processes(tmp_path) == []
+    card = json.loads((out / "segmenter.json").read_text())
+    assert card["training"] == "federated" and card["task"] == "segmentation"
+    assert len(history["segmenter"]["val_dice"]) == 1 and 0.0 <= history["segmenter"]["val_dice"][0] <= 1.0
+    assert {"0", "1"} == trained(card["round_records"][0])
+    model = tf.keras.models.load_model(out / "segmenter.keras", compile=False)
+    assert model.output_shape == (None, 16, 16, 1)
+    client = MlflowClient(tracking_uri=params["mlflow"]["tracking_uri"])
+    (run,) = client.search_runs([client.get_experiment_by_name("fedbrain-test").experiment_id])
+    assert run.data.tags["secure"] == "false" and run.data.tags["task"] == "segmentation"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val_dice")] == [1]

@@ -3,7 +3,8 @@
 Named in a test's params as ``model: "tiny_model:build"``; the tests put this folder on the
 PYTHONPATH of the SuperLink and SuperNodes they start, as a user would install their own model.
 ``build`` has a BatchNormalization layer (so runs exercise the statistics calibration, one more
-message per round); ``build_plain`` has none (no calibration phase: faster).
+message per round); ``build_plain`` has none (no calibration phase: faster); ``build_segmenter`` maps an image to
+a tumour mask.
 """
 
 import tensorflow as tf
@@ -22,3 +23,11 @@ def build(input_shape, num_classes, batch_norm: bool = True):
 
 def build_plain(input_shape, num_classes):
     return build(input_shape, num_classes, batch_norm=False)
+
+
+def build_segmenter(input_shape, num_classes):
+    """A tumour-probability map the size of the image (num_classes is unused: one sigmoid mask)."""
+    inputs = tf.keras.Input(input_shape, name="image")
+    x = tf.keras.layers.Conv2D(4, 3, padding="same", activation="relu")(inputs)
+    outputs = tf.keras.layers.Conv2D(1, 1, activation="sigmoid", name="mask")(x)
+    return tf.keras.Model(inputs, outputs, name="tiny_segmenter")

@@ -220,6 +220,39 @@ def plot_overlays(split: Split, proba: np.ndarray, threshold: float, count: int,
     return _save(fig, path)
 
 
+def _kept_epoch(history: dict[str, list[float]]) -> int:
+    """The epoch whose weights training kept: the lowest val_loss (early stopping's monitor), else the last."""
+    losses = history.get("val_loss") or []
+    return int(np.argmin(losses)) if losses else len(next(iter(history.values()), [0])) - 1
+
+
+def plot_rounds(results: list[dict], task: str, path: Path) -> Path | None:
+    """Federated runs' global validation score per round, each centralized run of the same task as a
+    reference line (its score at the epoch it kept); test scores in the legend."""
+    key = "accuracy" if task == "classification" else "dice"
+    test_key = "accuracy" if task == "classification" else "dice_tumour_slices"
+    runs = [r for r in results if r["info"]["task"] == task and (r["info"]["history"] or {}).get(f"val_{key}")]
+    federated = [r for r in runs if r["info"]["training"] == "federated"]
+    if not federated:
+        return None
+    fig = _figure(6.4, 4.0)
+    ax = fig.subplots()
+    for r in federated:
+        values = r["info"]["history"][f"val_{key}"]
+        ax.plot(range(1, len(values) + 1), values, "o-", markersize=3,
+                label=f"{r['info']['run']} (test {r['metrics'].get(test_key) or float('nan'):.3f})")
+    for r in runs:
+        if r["info"]["training"] == "centralized":
+            history = r["info"]["history"]
+            ax.axhline(history[f"val_{key}"][_kept_epoch(history)], linestyle="--", color="grey",
+                       label=f"{r['info']['run']} (test {r['metrics'].get(test_key) or float('nan'):.3f})")
+    ax.set_xlabel("round")
+    ax.set_ylabel(f"global val_{key}")
+    ax.set_title(f"{task}: federated per round vs centralized", fontsize=9)
+    ax.legend(fontsize=7, loc="lower right")
+    return _save(fig, path)
+
+
 # --------------------------------------------------------------------------- models
 
 def discover(models: Path) -> list[Path]:
@@ -343,6 +376,12 @@ def run(params: dict, processed: Path, partition: Path, models: Path, out: Path)
                      "roc_auc": metrics.get("roc_auc"), "dice": metrics.get("dice"), "hd95": metrics.get("hd95"),
                      "dice_tumour_slices": metrics.get("dice_tumour_slices"), "test_images": len(test),
                      "train_time_s": info["train_time_s"], "run_id": info["run_id"]})
+    for task in ("classification", "segmentation"):
+        # Per-round curve of every federated run, in the plots folder and in its MLflow run.
+        if (figure := plot_rounds(results, task, out / "plots" / f"rounds_{task}.png")) is not None:
+            for result in results:
+                if result["info"]["task"] == task and result["info"]["training"] == "federated":
+                    result["artifacts"].append(figure)
     table = pd.DataFrame(rows, columns=COMPARISON_COLUMNS)
     _write_text(out / "metrics.json", json.dumps(scalars, indent=2) + "\n")
     _write_text(out / "evaluation.json", json.dumps(_clean(details), indent=2) + "\n")

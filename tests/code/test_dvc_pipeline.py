@@ -54,6 +54,8 @@ def test_repro_twice_on_embedded_sample(project_copy):
     assert (project_copy / "reports" / "validation" / "data_docs" / "index.html").is_file()
     comparison = (project_copy / "reports" / "comparison.csv").read_text()
     assert "centralized" in comparison and "federated" in comparison
+    # The federated run per round against the centralized reference line.
+    assert (project_copy / "reports" / "plots" / "rounds_classification.png").stat().st_size > 1000
 
     second = dvc("repro", cwd=project_copy)
     assert second.returncode == 0, second.stderr[-3000:]

@@ -140,3 +140,23 @@ def test_discover_skips_per_round_checkpoints(tmp_path):
         (tmp_path / relative).write_bytes(b"")
     assert [p.relative_to(tmp_path).as_posix() for p in discover(tmp_path)] == [
         "centralized/classifier.keras", "federated/fedavg/classifier.keras"]
+
+
+def test_round_plot_draws_federated_rounds_against_the_centralized_kept_epoch(tmp_path):
+    from fedbrain.evaluate import _kept_epoch, plot_rounds
+
+    def result(run, training, history, accuracy):
+        return {"info": {"run": run, "training": training, "task": "classification", "history": history},
+                "metrics": {"accuracy": accuracy}}
+
+    central = {"val_loss": [1.0, 0.4, 0.6], "val_accuracy": [0.5, 0.9, 0.95]}
+    assert _kept_epoch(central) == 1  # early stopping kept the lowest val_loss, not the best accuracy
+    assert _kept_epoch({"loss": [1.0, 0.5]}) == 1
+    federated = {"val_loss": [1.2, 0.8], "val_accuracy": [0.6, 0.8]}
+    results = [result("centralized/classifier", "centralized", central, 0.91),
+               result("federated/fedavg/classifier", "federated", federated, 0.85)]
+    path = plot_rounds(results, "classification", tmp_path / "rounds.png")
+    assert path is not None and path.stat().st_size > 1000
+    # Nothing federated with a history (or another task only): no plot.
+    assert plot_rounds(results[:1], "classification", tmp_path / "none.png") is None
+    assert plot_rounds(results, "segmentation", tmp_path / "seg.png") is None

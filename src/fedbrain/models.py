@@ -48,25 +48,34 @@ def build_model(name: str, input_shape: tuple[int, int, int], num_classes: int,
     return keras_application(name, input_shape, num_classes, weights or "none")
 
 
-def _conv_bn(x, filters: int, kernel: int = 3, strides: int = 1, separable: bool = False):
+# The classifier's BatchNormalization momentum. Keras' default (0.99) averages its moving
+# statistics over ~100 steps; on the embedded sample (9 steps per epoch) or a small hospital
+# they lag the weights for a dozen epochs, validation measured with them stays at chance, and
+# early stopping keeps the first epoch's weights (seen on the sample: test accuracy 0.25).
+# 0.9 (PyTorch's default) follows within ~10 steps.
+CNN_BN_MOMENTUM = 0.9
+
+
+def _conv_bn(x, filters: int, kernel: int = 3, strides: int = 1, separable: bool = False,
+             momentum: float = 0.99):
     conv = layers.SeparableConv2D if separable else layers.Conv2D
     x = conv(filters, kernel, strides=strides, padding="same", use_bias=False)(x)
-    x = layers.BatchNormalization()(x)
+    x = layers.BatchNormalization(momentum=momentum)(x)
     return layers.Activation("relu")(x)
 
 
-def _residual_block(x, filters: int, strides: int):
+def _residual_block(x, filters: int, strides: int, momentum: float):
     """Pre-downsampling residual block (ResNet 'basic' block, BN after each conv)."""
     shortcut = x
-    y = _conv_bn(x, filters, strides=strides)
+    y = _conv_bn(x, filters, strides=strides, momentum=momentum)
     y = layers.Conv2D(filters, 3, padding="same", use_bias=False)(y)
-    y = layers.BatchNormalization()(y)
+    y = layers.BatchNormalization(momentum=momentum)(y)
     if strides != 1 or shortcut.shape[-1] != filters:
         # 1x1 projection so the shapes match; average pooling first keeps all pixels' information.
         if strides != 1:
             shortcut = layers.AveragePooling2D(strides, padding="same")(shortcut)
         shortcut = layers.Conv2D(filters, 1, use_bias=False)(shortcut)
-        shortcut = layers.BatchNormalization()(shortcut)
+        shortcut = layers.BatchNormalization(momentum=momentum)(shortcut)
     return layers.Activation("relu")(layers.Add()([y, shortcut]))
 
 
@@ -80,11 +89,11 @@ def compact_cnn(input_shape, num_classes: int, width: int = 32) -> tf.keras.Mode
     the same: 2.8M parameters, ~200 images/s to train on 2 cores at 128x128.
     """
     inputs = tf.keras.Input(input_shape, name="image")
-    x = _conv_bn(inputs, width, kernel=5, strides=2)
+    x = _conv_bn(inputs, width, kernel=5, strides=2, momentum=CNN_BN_MOMENTUM)
     x = layers.MaxPooling2D(2, padding="same")(x)
     for i, filters in enumerate((width, 2 * width, 4 * width, 8 * width)):
-        x = _residual_block(x, filters, strides=1 if i == 0 else 2)
-        x = _residual_block(x, filters, strides=1)
+        x = _residual_block(x, filters, strides=1 if i == 0 else 2, momentum=CNN_BN_MOMENTUM)
+        x = _residual_block(x, filters, strides=1, momentum=CNN_BN_MOMENTUM)
     x = layers.GlobalAveragePooling2D()(x)
     x = layers.Dropout(0.3)(x)
     outputs = layers.Dense(num_classes, activation="softmax", name="probabilities")(x)

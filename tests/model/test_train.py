@@ -112,6 +112,21 @@ def test_fit_learns_and_returns_shared_history_keys(classification_data):
     assert len(history["loss"]) == 2 and all(np.isfinite(history["loss"]))
 
 
+def test_default_classifier_predicts_above_chance_after_few_steps(classification_data):
+    """A small set (the embedded sample, one hospital): a few steps per epoch. Predictions use the
+    BatchNormalization moving statistics, which must have caught up with the weights by then."""
+    processed, partition = classification_data
+    train, val = load_split(processed, partition, "train"), load_split(processed, partition, "val")
+    tf.keras.utils.set_random_seed(0)
+    model = compile_model(build_model("cnn", (32, 32, 1), 4), "classification", 3e-3)
+    augment = {"rotation_deg": 0, "hflip": False, "vflip": False, "brightness": 0.0}
+    fit(model, train, None, "classification", {"batch_size": 8, "augment": augment}, epochs=25, seed=0, verbose=0)
+    proba = model.predict(np.concatenate([train.images, val.images]), verbose=0)
+    labels = np.concatenate([train.labels, val.labels])
+    # 4 classes: chance is 0.25 (and a model judged by lagging statistics predicts one class).
+    assert (proba.argmax(axis=1) == labels).mean() >= 0.8
+
+
 def test_fit_is_reproducible_with_a_seed(segmentation_data):
     processed, partition = segmentation_data
     train = load_split(processed, partition, "train", hospital=0)

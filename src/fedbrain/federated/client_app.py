@@ -7,8 +7,9 @@ the server records about the hospital: its number, its examples and its training
 
 A train message also evaluates the global model it brings, on the hospital's validation split,
 before training on it: that is the federated evaluation of the previous round's global model,
-and it saves every hospital a second process start (TensorFlow import, data load, model build)
-per round. Only the last round's global model needs an evaluate message of its own.
+and it saves a message exchange per round (Flower's polling, a model build). Only the last
+round's global model needs an evaluate message of its own. Every message runs in the hospital's
+one long-lived ClientApp process (see clientapp_runtime.py).
 """
 
 from __future__ import annotations

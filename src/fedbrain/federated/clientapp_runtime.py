@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> None:
             except Exception:  # noqa: BLE001  (a broken bundle must not take the hospital down)
                 # run_clientapp already turns the ClientApp's own exceptions into error replies;
                 # this is the rest (e.g. an app bundle that fails to install): log, wait for the next.
-                logging.getLogger("fedbrain").exception("ClientApp message %s failed", run_id)
+                logging.getLogger("fedbrain").exception("a ClientApp message of run %s failed", run_id)
             finally:
                 gc.collect()
 

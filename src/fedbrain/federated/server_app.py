@@ -14,8 +14,8 @@ which fit none of the models (with them the global model predicted one class for
 Federated evaluation: each hospital evaluates the global model it receives on its validation
 split before training on it, so round r+1's replies carry the validation metrics of round r's
 global model (averaged weighted by validation examples); the last round's global model gets
-a separate evaluate message (FedAvg's `configure_evaluate`). That saves every hospital a
-process start (Python, TensorFlow, its data) per round.
+a separate evaluate message (FedAvg's `configure_evaluate`). That saves a message exchange
+(Flower's polling, a model build) per round.
 
 The loop is Flower's `Strategy.start` written out, so that a round can be resumed from a
 checkpoint (`--resume`) and recorded (per-hospital metrics, failures, bytes, times) as it ends.

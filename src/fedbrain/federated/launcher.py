@@ -232,10 +232,6 @@ def stop_process_groups(procs: list[subprocess.Popen], sig: int = signal.SIGTERM
             pass
 
 
-def stop_process_group(proc: subprocess.Popen, sig: int = signal.SIGTERM, grace: float = STOP_GRACE_S) -> None:
-    stop_process_groups([proc], sig, grace)
-
-
 @dataclass
 class Started:
     name: str
@@ -301,7 +297,7 @@ class Federation:
     def _spawn(self, name: str, cmd: list[str]) -> Started:
         log_path = self.logs / f"{name}.log"
         handle = log_path.open("ab")
-        # start_new_session: own process group, so stop_process_group reaches its children too;
+        # start_new_session: own process group, so stop_process_groups reaches its children too;
         # it also keeps a terminal's Ctrl-C from reaching them before the launcher cleans up.
         proc = subprocess.Popen(cmd, cwd=self.workdir, env=self.env, stdout=handle,
                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)

@@ -1,7 +1,8 @@
 """Federated vs centralized on the real data beside the project (not a test).
 
-  .venv/bin/python bench/federated.py [classifier] [segmenter] [--rounds R] [--local-epochs E]
-  (default: both, with params.yaml's federated.rounds and federated.local_epochs)
+  .venv/bin/python bench/federated.py [classifier] [segmenter] [--rounds R] [--local-epochs E] [--resume]
+  (default: both, with params.yaml's federated.rounds and federated.local_epochs; --resume continues
+  an interrupted bench run from its last saved round, as `fedbrain train-federated --resume` does)
 
 classifier  brain-tumor-mri/Training, 3 hospitals, Dirichlet alpha 0.5: FedAvg through the real
             Deployment Engine (fedbrain.federated.launcher: SuperLink + 3 SuperNodes on loopback,
@@ -106,28 +107,29 @@ def _val(record: dict) -> str:
     return ", ".join(f"{k}={v:.4f}" for k, v in sorted(record["metrics"].items()) if k.startswith("val_"))
 
 
-def run_federated(params: dict, processed: Path, parts: Path, models: Path) -> tuple[Path, float]:
+def run_federated(params: dict, processed: Path, parts: Path, models: Path, resume: bool) -> tuple[Path, float]:
     out = models / "federated" / "fedavg"
     start = time.perf_counter()
-    launcher.run(params, processed, parts, out, echo=lambda line: print(f"  | {line}", flush=True))
+    launcher.run(params, processed, parts, out, resume=resume, echo=lambda line: print(f"  | {line}", flush=True))
     return out, time.perf_counter() - start
 
 
-def bench(role: str, overrides: dict) -> None:
+def bench(role: str, overrides: dict, resume: bool) -> None:
     name, root, partition = DATASETS[role]
     params = bench_params(root, partition, role, overrides)
     processed, parts = centralized.prepare(name, root, params)
     check_partition(parts, partition)
     models = WORK / name / "models"
     central_path, central_time = centralized_model(params, role, processed, parts, models)
-    out, wall = run_federated(params, processed, parts, models)
+    out, wall = run_federated(params, processed, parts, models, resume)
     card = train.load_card(out / f"{role}.keras")
     plots = WORK / name / "reports" / "federated-bench"
     central = test_metrics(central_path, models, processed, parts, params, plots)
     federated = test_metrics(out / f"{role}.keras", models, processed, parts, params, plots)
     fed = params["federated"]
+    resumed = " (resumed: this call's share)" if resume else ""
     header = (f"\nBENCH federated {role} ({name}, {partition}, {card['model']}): {fed['rounds']} rounds x "
-              f"{fed['local_epochs']} local epochs, federated wall time {wall / 60:.1f} min "
+              f"{fed['local_epochs']} local epochs, federated wall time {wall / 60:.1f} min{resumed} "
               f"(centralized training {central_time / 60 if central_time else float('nan'):.1f} min)")
     if role == "classifier":
         gap = central["accuracy"] - federated["accuracy"]
@@ -147,9 +149,10 @@ if __name__ == "__main__":
     parser.add_argument("parts", nargs="*", help="classifier and/or segmenter (default: both)")
     parser.add_argument("--rounds", type=int)
     parser.add_argument("--local-epochs", type=int)
+    parser.add_argument("--resume", action="store_true", help="continue from the last saved round")
     args = parser.parse_args()
     if unknown := set(args.parts) - set(DATASETS):
         parser.error(f"unknown part(s) {sorted(unknown)}; use classifier and/or segmenter")
     overrides = {k: v for k, v in (("rounds", args.rounds), ("local_epochs", args.local_epochs)) if v}
     for part in args.parts or ["classifier", "segmenter"]:
-        bench(part, overrides)
+        bench(part, overrides, args.resume)

@@ -34,8 +34,8 @@ from fedbrain.federated.server_app import pool_batch_norm_statistics
 from federated_data import federated_params, make_federated_data
 
 TESTS_DIR = Path(__file__).resolve().parent
-TINY = "tiny_model:build"              # with BatchNormalization: a calibration message per round
-TINY_PLAIN = "tiny_model:build_plain"  # without: one message per round, for the longer scenarios
+TINY = "tiny_model:build"              # with BatchNormalization: statistics calibrated every round
+TINY_PLAIN = "tiny_model:build_plain"  # without: less to compute, for the longer scenarios
 
 
 @pytest.fixture(autouse=True)
@@ -153,8 +153,10 @@ def test_two_rounds_three_hospitals_tls_auth_tracked_and_cleaned_up(tmp_path, ti
     assert federation_processes(tmp_path) == []
     logs = tmp_path / ".fedbrain" / "federation" / "fedavg" / "logs"
     for k in range(3):
-        # 2 x (train + BatchNorm calibration) + the final evaluation, all in that one process.
-        assert (logs / f"clientapp_hospital_{k}.log").read_text().count("Pull `ClientAppInputs`") == 5
+        # One message per round (train, which also calibrates the previous average and evaluates
+        # the model before it), then the last average's calibration and the last model's evaluation,
+        # all in that one process.
+        assert (logs / f"clientapp_hospital_{k}.log").read_text().count("Pull `ClientAppInputs`") == 4
     # Every API of the federation listens on loopback only.
     assert listening and all(is_loopback(host) for host, _ in listening), listening
 
@@ -193,6 +195,15 @@ def test_two_rounds_three_hospitals_tls_auth_tracked_and_cleaned_up(tmp_path, ti
     pooled = pool_batch_norm_statistics(measured)
     assert stored[0] == pytest.approx(pooled[0], rel=1e-3, abs=1e-5)
     assert stored[1] == pytest.approx(pooled[1], rel=1e-3, abs=1e-5)
+
+    # Round 1's global model was evaluated in round 2's message, from the weights each hospital
+    # kept and the statistics sent then: the same figure as the saved round 1 model gives.
+    saved = task.build(settings)
+    saved.set_weights(tf.keras.models.load_model(out / "checkpoints" / "classifier" / "round_1.keras",
+                                                 compile=False).get_weights())
+    scores = [task.evaluate_locally(saved, settings, k) for k in range(3)]
+    expected = sum(n * s["loss"] for s, n in scores) / sum(n for _, n in scores)
+    assert history["classifier"]["val_loss"][0] == pytest.approx(expected, rel=1e-5)
 
     # One MLflow run with the centralized run's metric names, step = round.
     client = MlflowClient(tracking_uri=params["mlflow"]["tracking_uri"])

@@ -1,26 +1,37 @@
-"""The ClientApp: one hospital. It trains and evaluates on its own partition only.
+"""The ClientApp: one hospital. It trains, calibrates and evaluates on its own partition only.
 
 Which hospital it is comes from its SuperNode (``--node-config partition-id=<k>``), not from
 the server's messages, so the same app bundle runs at every hospital. Each reply carries the
-update (train) or metrics (evaluate) weighted by the hospital's number of examples, plus what
-the server records about the hospital: its number, its examples and its training time.
+update weighted by the hospital's number of examples, plus what the server records about the
+hospital: its number, its examples, its training and calibration time.
 
-A train message also evaluates the global model it brings, on the hospital's validation split,
-before training on it: that is the federated evaluation of the previous round's global model,
-and it saves a message exchange per round (Flower's polling, a model build). Only the last
-round's global model needs an evaluate message of its own. Every message runs in the hospital's
-one long-lived ClientApp process (see clientapp_runtime.py).
+One message per round does three things, so that a round costs one exchange with the server
+(each exchange waits on Flower's polling; see server_app.py):
+  1. evaluate the previous global model on the hospital's validation split: the weights this
+     hospital received with the previous message (kept in the run's Context.state) with the
+     BatchNormalization statistics the server pooled for them, which arrive now;
+  2. measure the BatchNormalization statistics of the received weights on its training data,
+     which the server pools into that global model;
+  3. train from the received weights (train messages only; the last round's calibration is a
+     ``query.calibrate`` message that does 1 and 2).
+Only the last global model needs an evaluate message of its own. Every message runs in the
+hospital's one long-lived ClientApp process (see clientapp_runtime.py).
 """
 
 from __future__ import annotations
 
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedbrain.federated.task import (VAL_WEIGHT_KEY, WEIGHT_KEY, RunSettings, batch_norm_statistics, build,
-                                    evaluate_locally, returned_epoch, train_locally)
+from fedbrain.federated.task import (CALIBRATION_WEIGHT_KEY, PREVIOUS_STATISTICS, STATISTICS, VAL_WEIGHT_KEY,
+                                    WEIGHT_KEY, RunSettings, batch_norm_statistics, build, evaluate_locally,
+                                    returned_epoch, set_batch_norm_statistics, train_locally)
 
 app = ClientApp()
+
+# Context.state: the weights received with the last message, and the round whose global model they are.
+RECEIVED = "received-weights"
+RECEIVED_ROUND = "received-round"
 
 
 def _hospital(context: Context) -> int:
@@ -31,54 +42,74 @@ def _train_name(key: str) -> str:
     return f"local_{key}" if key.startswith("val_") else f"train_{key}"
 
 
-def _model(msg: Message, settings: RunSettings, learning_rate: float | None = None):
-    model = build(settings, learning_rate=learning_rate)
-    model.set_weights(msg.content["arrays"].to_numpy_ndarrays())
-    return model
+def _evaluate_previous(model, msg: Message, context: Context, settings: RunSettings, hospital: int) -> dict:
+    """val_* of the previous global model, or {} when this hospital did not receive it (it joined
+    or restarted since): the server then averages the other hospitals' figures."""
+    config = msg.content["config"]
+    if PREVIOUS_STATISTICS not in msg.content.array_records or "previous-round" not in config:
+        return {}
+    seen = context.state.config_records.get(RECEIVED_ROUND)
+    if seen is None or int(seen["round"]) != int(config["previous-round"]):
+        return {}
+    model.set_weights(context.state.array_records[RECEIVED].to_numpy_ndarrays())
+    set_batch_norm_statistics(model, msg.content[PREVIOUS_STATISTICS].to_numpy_ndarrays())
+    results, examples = evaluate_locally(model, settings, hospital)
+    # Named as the centralized run's validation metrics (val_loss, val_accuracy | val_dice).
+    return {**{f"val_{key}": float(value) for key, value in results.items()}, VAL_WEIGHT_KEY: examples}
 
 
-@app.train()
-def train(msg: Message, context: Context) -> Message:
+def _round(msg: Message, context: Context, train: bool) -> Message:
     settings = RunSettings.from_run_config(context.run_config)
     hospital = _hospital(context)
     config = msg.content["config"]
     server_round = int(config["server-round"])
     # The server's per-round learning-rate share (task.lr_scale), applied to train.<role>'s rate.
-    model = _model(msg, settings, settings.learning_rate * float(config.get("lr-scale", 1.0)))
-    evaluation, val_examples = evaluate_locally(model, settings, hospital)
-    history, seconds, examples = train_locally(model, settings, hospital, server_round)
-    # The epoch whose weights go back (fit keeps the best on local validation): train_loss,
-    # train_accuracy|train_dice on this hospital's train split, and local_val_* of that model on
-    # its own validation split. val_* is the received global model, measured before training.
-    epoch = returned_epoch(history, settings.train_params)
-    metrics = {_train_name(key): float(values[epoch]) for key, values in history.items()
-               if len(values) > epoch and key != "lr"}
-    metrics.update({f"val_{key}": float(value) for key, value in evaluation.items()})
-    metrics.update({WEIGHT_KEY: examples, VAL_WEIGHT_KEY: val_examples, "hospital": hospital,
-                    "train-time-s": seconds, "epochs-run": len(history.get("loss", []))})
-    content = RecordDict({"arrays": ArrayRecord(model.get_weights()), "metrics": MetricRecord(metrics)})
+    model = build(settings, learning_rate=settings.learning_rate * float(config.get("lr-scale", 1.0)))
+    metrics = {"hospital": hospital, **_evaluate_previous(model, msg, context, settings, hospital)}
+
+    received = msg.content["arrays"]
+    model.set_weights(received.to_numpy_ndarrays())
+    stats, images, seconds = batch_norm_statistics(model, settings, hospital)
+    metrics.update({CALIBRATION_WEIGHT_KEY: images, "calibration-time-s": seconds})
+    content = RecordDict({STATISTICS: ArrayRecord(stats)})
+    if train:
+        # Training normalises with batch statistics; this hospital's own statistics of the received
+        # weights make the local validation of the first epochs meaningful.
+        set_batch_norm_statistics(model, stats)
+        history, seconds, examples = train_locally(model, settings, hospital, server_round)
+        # The epoch whose weights go back (fit keeps the best on local validation): train_loss,
+        # train_accuracy|train_dice on this hospital's train split, and local_val_* of that model
+        # on its own validation split.
+        epoch = returned_epoch(history, settings.train_params)
+        metrics.update({_train_name(key): float(values[epoch]) for key, values in history.items()
+                        if len(values) > epoch and key != "lr"})
+        metrics.update({WEIGHT_KEY: examples, "train-time-s": seconds, "epochs-run": len(history.get("loss", []))})
+        content["arrays"] = ArrayRecord(model.get_weights())
+    content["metrics"] = MetricRecord(metrics)
+    context.state[RECEIVED] = received
+    context.state[RECEIVED_ROUND] = ConfigRecord({"round": int(config["weights-round"])})
     return Message(content=content, reply_to=msg)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    return _round(msg, context, train=True)
+
+
+@app.query("calibrate")
+def calibrate(msg: Message, context: Context) -> Message:
+    return _round(msg, context, train=False)
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
+    """The global model as sent (statistics included) on this hospital's validation split."""
     settings = RunSettings.from_run_config(context.run_config)
     hospital = _hospital(context)
-    model = _model(msg, settings)
+    model = build(settings)
+    model.set_weights(msg.content["arrays"].to_numpy_ndarrays())
     results, examples = evaluate_locally(model, settings, hospital)
-    # Named as the centralized run's validation metrics (val_loss, val_accuracy | val_dice);
-    # the server averages them weighted by examples into the global validation score.
+    # The server averages them weighted by examples into the global validation score.
     metrics = {f"val_{key}": float(value) for key, value in results.items()}
     metrics.update({WEIGHT_KEY: examples, VAL_WEIGHT_KEY: examples, "hospital": hospital})
     return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
-
-
-@app.query("bn_statistics")
-def bn_statistics(msg: Message, context: Context) -> Message:
-    """The new global model's BatchNormalization input statistics on this hospital's training data,
-    which the server pools into the global model's moving statistics (see task.batch_norm_statistics)."""
-    settings = RunSettings.from_run_config(context.run_config)
-    hospital = _hospital(context)
-    stats, examples, seconds = batch_norm_statistics(_model(msg, settings), settings, hospital)
-    metrics = MetricRecord({WEIGHT_KEY: examples, "hospital": hospital, "calibration-time-s": seconds})
-    return Message(content=RecordDict({"arrays": ArrayRecord(stats), "metrics": metrics}), reply_to=msg)

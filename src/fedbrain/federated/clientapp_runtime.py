@@ -10,10 +10,12 @@ and reloads the hospital's arrays before training. With two messages per round p
 
 So the launcher starts each SuperNode with ``--isolation process`` (the mode Flower provides for a
 ClientApp process managed by someone else, e.g. a side-car container on Kubernetes) and this
-process beside it. It is Flower's own SuperExec loop (``run_superexec``: ask the SuperNode's
-ClientAppIo API for a message, take its token) with a plugin that runs Flower's own
-``run_clientapp`` in this process instead of spawning ``flwr-clientapp``. Only the plugin is
-written here; TensorFlow and the ClientApp module are imported once, before the first message.
+process beside it. It does what Flower's SuperExec loop (``run_superexec``) does: ask the
+SuperNode's ClientAppIo API for a run with a message waiting, take its token, and run Flower's
+own ``run_clientapp`` for it, here, instead of spawning ``flwr-clientapp``. TensorFlow and the
+ClientApp module are imported once, before the first message. The loop is written out only to
+ask every 0.1 s instead of every 1 s: each round waits for its slowest hospital's message to be
+picked up, and at most a second of that was pure polling.
 
 Like ``flwr-clientapp``, it talks to its SuperNode over loopback without TLS (the ClientAppIo API
 is local to the hospital); the SuperNode's link to the SuperLink keeps TLS and authentication.
@@ -26,8 +28,11 @@ import argparse
 import gc
 import logging
 import os
+import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+POLL_S = 0.1  # how often to ask the SuperNode for a waiting message (Flower's SuperExec: 1 s)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -37,33 +42,41 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--parent-pid", type=int, help="exit when this process (the SuperNode) is gone")
     args = parser.parse_args(argv)
 
+    import grpc
     import tensorflow as tf  # the warm part: once per process, not once per message
+    from flwr.common.grpc import create_channel
+    from flwr.proto.appio_pb2 import ListAppsToLaunchRequest, RequestTokenRequest
     from flwr.proto.clientappio_pb2_grpc import ClientAppIoStub
-    from flwr.supercore.superexec.plugin import ClientAppExecPlugin
-    from flwr.supercore.superexec.run_superexec import run_superexec
+    from flwr.supercore.app_utils import start_parent_process_monitor
     from flwr.supernode.runtime.run_clientapp import run_clientapp
 
     import fedbrain.federated.client_app  # noqa: F401  (imports the model and training code now)
 
-    class InProcessClientApp(ClientAppExecPlugin):
-        """Runs the ClientApp for a granted token here, to completion, instead of in a new process."""
-
-        def launch_app(self, token: str, run_id: int) -> None:
-            # Each message builds its own model: drop the previous one's Keras graph state first.
-            tf.keras.backend.clear_session()
-            try:
-                run_clientapp(clientappio_api_address=self.appio_api_address, token=token,
-                              flwr_dir=self.flwr_dir)
-            except Exception:  # noqa: BLE001  (a broken bundle must not take the hospital down)
-                # run_clientapp already turns the ClientApp's own exceptions into error replies;
-                # this is the rest (e.g. an app bundle that fails to install): log, wait for the next.
-                logging.getLogger("fedbrain").exception("a ClientApp message of run %s failed", run_id)
-            finally:
-                gc.collect()
-
-    run_superexec(plugin_class=InProcessClientApp, stub_class=ClientAppIoStub,
-                  appio_api_address=args.appio_api_address, flwr_dir=args.flwr_dir,
-                  parent_pid=args.parent_pid)
+    if args.parent_pid is not None:
+        start_parent_process_monitor(args.parent_pid)
+    stub = ClientAppIoStub(create_channel(server_address=args.appio_api_address, insecure=True,
+                                          root_certificates=None))
+    log = logging.getLogger("fedbrain")
+    while True:
+        try:
+            runs = stub.ListAppsToLaunch(ListAppsToLaunchRequest()).run_ids
+            token = stub.RequestToken(RequestTokenRequest(run_id=runs[0])).token if runs else ""
+        except grpc.RpcError as error:  # the SuperNode is starting or stopping: ask again
+            log.debug("ClientAppIo API not answering: %s", error.code())
+            token = ""
+        if not token:
+            time.sleep(POLL_S)
+            continue
+        # Each message builds its own model: drop the previous one's Keras graph state first.
+        tf.keras.backend.clear_session()
+        try:
+            run_clientapp(clientappio_api_address=args.appio_api_address, token=token, flwr_dir=args.flwr_dir)
+        except Exception:  # noqa: BLE001  (a broken bundle must not take the hospital down)
+            # run_clientapp already turns the ClientApp's own exceptions into error replies;
+            # this is the rest (e.g. an app bundle that fails to install): log, wait for the next.
+            log.exception("a ClientApp message of run %s failed", runs[0])
+        finally:
+            gc.collect()
 
 
 if __name__ == "__main__":

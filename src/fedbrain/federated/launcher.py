@@ -72,7 +72,7 @@ class FederatedSettings:
     round_timeout: float = 3600.0
     node_wait_timeout: float = 600.0
     state_dir: str = ".fedbrain"
-    calibration_images: int = 512
+    calibration_images: int = 256
     lr_decay: str = "cosine"
     train: dict = field(default_factory=dict)
 

@@ -6,19 +6,27 @@ or `round-timeout` passed; average them weighted by examples. A SuperNode that c
 up as a failed reply (the SuperLink reports it once it misses its heartbeats) and the round
 goes on with the others; one that joined is sampled from the next round on.
 
-BatchNormalization: after averaging, the hospitals measure each BatchNormalization layer's input
-statistics under the new global weights on their training data (a `query.bn_statistics`
-message) and the pooled statistics replace FedAvg's average of the hospitals' moving statistics,
-which fit none of the models (with them the global model predicted one class for everything).
+BatchNormalization: FedAvg's average of the hospitals' moving statistics fits none of the models
+(with it the global model predicted one class for everything). Instead the hospitals measure each
+BatchNormalization layer's input statistics under the averaged weights on their training data,
+and the pooled statistics complete the global model.
 
-Federated evaluation: each hospital evaluates the global model it receives on its validation
-split before training on it, so round r+1's replies carry the validation metrics of round r's
-global model (averaged weighted by validation examples); the last round's global model gets
-a separate evaluate message (FedAvg's `configure_evaluate`). That saves a message exchange
-(Flower's polling, a model build) per round.
+One exchange per round. Each Flower exchange costs seconds of polling (a SuperNode asks for work
+every 3 s when idle), so round r + 1's train message does three things at each hospital:
+  - measure the statistics of round r's average (the weights it trains from);
+  - evaluate round r - 1's global model on its validation split: the weights it received with
+    the previous message, kept in the run's Context.state, with the pooled statistics sent now;
+  - train.
+After round r + 1's replies the server pools the statistics into round r's global model, saves
+it, and records round r - 1's federated evaluation (averaged weighted by validation examples).
+After the last round R, a `query.calibrate` message measures round R's statistics (and evaluates
+round R - 1's model) and an evaluate message (FedAvg's `configure_evaluate`) evaluates round R's.
+A round's figures are logged once its global model is complete, its val_* when they arrive.
 
 The loop is Flower's `Strategy.start` written out, so that a round can be resumed from a
 checkpoint (`--resume`) and recorded (per-hospital metrics, failures, bytes, times) as it ends.
+A resumed run starts with the round after the last saved global model (the round in flight when
+it stopped is trained again); an evaluation the stop lost gets an evaluate message at the end.
 
 Writes, under `out`:
   checkpoints/<role>/round_<r>.keras and state.json   every round (resume reads these)
@@ -42,15 +50,15 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
 from fedbrain.federated.strategy import HospitalFedAvg, content_bytes
-from fedbrain.federated.task import (VAL_WEIGHT_KEY, WEIGHT_KEY, RunSettings, batch_norm_layers, build,
-                                    lr_scale)
+from fedbrain.federated.task import (PREVIOUS_STATISTICS, VAL_WEIGHT_KEY, WEIGHT_KEY, RunSettings,
+                                    batch_norm_layers, build, lr_scale, set_batch_norm_statistics)
 
 app = ServerApp()
 
 # How often the ServerApp asks the SuperLink for replies (Flower's own loop waits 3 s).
 POLL_S = 0.5
-# The ClientApp's @app.query("bn_statistics") handler.
-CALIBRATE = "query.bn_statistics"
+# The ClientApp's @app.query("calibrate") handler.
+CALIBRATE = "query.calibrate"
 
 
 # --- messages ----------------------------------------------------------------------------------
@@ -101,10 +109,10 @@ def wait_for_nodes(grid: Grid, minimum: int, timeout: float) -> list[int]:
 class RoundRecord:
     round: int
     nodes_online: int
-    wall_time_s: float = 0.0
+    wall_time_s: float = 0.0       # from the round's start to the next round's (checkpoint included)
     train_phase_s: float = 0.0
-    calibration_phase_s: float = 0.0  # BatchNormalization statistics of the new global model
-    evaluate_phase_s: float = 0.0  # only the last round has a phase of its own
+    calibration_phase_s: float = 0.0  # only the last round has a calibration exchange of its own
+    evaluate_phase_s: float = 0.0     # only the last round has an evaluation exchange of its own
     bytes_down: int = 0
     bytes_up: int = 0
     metrics: dict = field(default_factory=dict)     # train_*, local_val_*, val_*: averaged over hospitals
@@ -121,7 +129,7 @@ class RoundRecord:
         return (self.wall_time_s - self.slowest_training_s) / self.wall_time_s if self.wall_time_s else 0.0
 
     def round_metrics(self) -> dict[str, float]:
-        """What is known when the round's training ends (its val_* arrive with the next round)."""
+        """Everything but the global model's val_* (those arrive two rounds later)."""
         flat = {k: v for k, v in self.metrics.items() if not k.startswith("val_")}
         flat.update({"round_time_s": self.wall_time_s, "train_phase_s": self.train_phase_s,
                      "calibration_phase_s": self.calibration_phase_s,
@@ -141,6 +149,14 @@ class RoundRecord:
             flat.update({f"hospital_{k}/{name}": value for name, value in values.items()
                          if name.startswith("val_")})
         return flat
+
+
+@dataclass
+class Evaluation:
+    """The hospitals' val_* of one global model (round 0: the initial one), averaged and each."""
+    round: int
+    metrics: dict = field(default_factory=dict)
+    hospitals: dict = field(default_factory=dict)
 
 
 def _reports_by_hospital(strategy: HospitalFedAvg, known: dict[int, int]) -> dict[str, dict]:
@@ -169,44 +185,6 @@ def _metric_values(report: dict, prefixes: tuple[str, ...]) -> dict[str, float]:
     return {name: float(v) for name, v in report.items() if name.startswith(prefixes)}
 
 
-def train_round(grid: Grid, strategy: HospitalFedAvg, settings: RunSettings, server_round: int,
-                arrays: ArrayRecord, known: dict[int, int]) -> tuple[ArrayRecord, RoundRecord, RoundRecord]:
-    """One round of FedAvg: (new global arrays, this round's record, the previous model's evaluation).
-
-    The evaluation record holds the val_* metrics the hospitals measured on the global model
-    they received, i.e. the previous round's (or, in round 1, the initial model's).
-    """
-    # FedAvg's own sampling would wait for these forever; we wait with a deadline.
-    online = wait_for_nodes(grid, max(settings.min_available_nodes, settings.min_train_nodes),
-                            settings.node_wait_timeout)
-    record = RoundRecord(round=server_round, nodes_online=len(online))
-    previous = RoundRecord(round=server_round - 1, nodes_online=len(online))
-    start = time.perf_counter()
-    scale = lr_scale(settings, server_round)
-    messages = list(strategy.configure_train(server_round, arrays, ConfigRecord({"lr-scale": scale}), grid))
-    record.bytes_down = sum(content_bytes(m) for m in messages)
-    replies, unanswered = exchange(grid, strategy, messages, settings.round_timeout)
-    new_arrays, averaged = strategy.aggregate_train(server_round, replies)
-    record.train_phase_s = record.wall_time_s = time.perf_counter() - start
-    record.bytes_up = strategy.phase.bytes_up
-    record.failures = _failures(strategy, unanswered, known, settings, server_round)
-    for k, report in _reports_by_hospital(strategy, known).items():
-        record.hospitals[k] = {"examples": int(report.get(WEIGHT_KEY, 0)),
-                               "train_time_s": float(report.get("train-time-s", 0.0)),
-                               "epochs_run": int(report.get("epochs-run", 0)),
-                               **_metric_values(report, ("train_", "local_val_"))}
-        previous.hospitals[k] = {"val_examples": int(report.get(VAL_WEIGHT_KEY, 0)),
-                                 **_metric_values(report, ("val_",))}
-    averaged = {k: float(v) for k, v in (averaged or {}).items()}
-    record.metrics = {k: v for k, v in averaged.items() if not k.startswith("val_")}
-    record.metrics["learning_rate"] = settings.learning_rate * scale
-    previous.metrics = {k: v for k, v in averaged.items() if k.startswith("val_")}
-    if new_arrays is None:
-        log(WARNING, "round %d: no hospital returned an update; the global model is unchanged", server_round)
-        new_arrays = arrays
-    return new_arrays, record, previous
-
-
 def pool_batch_norm_statistics(replies: list[tuple[int, list]]) -> list:
     """[(images, [mean_1, var_1, ...]) per hospital] -> the pooled [mean_1, var_1, ...].
 
@@ -222,64 +200,87 @@ def pool_batch_norm_statistics(replies: list[tuple[int, list]]) -> list:
     return pooled
 
 
-def calibrate(grid: Grid, strategy: HospitalFedAvg, settings: RunSettings, record: RoundRecord,
-              model, arrays: ArrayRecord, known: dict[int, int]) -> ArrayRecord:
-    """The new global model with BatchNormalization statistics measured on the hospitals' data.
-
-    FedAvg's average of moving statistics describes no model that exists; measured under the
-    averaged weights, pooled over hospitals, they do (see task.batch_norm_statistics).
+def hospital_round(grid: Grid, strategy: HospitalFedAvg, settings: RunSettings, record: RoundRecord,
+                   arrays: ArrayRecord, previous: tuple[int, list] | None, known: dict[int, int],
+                   train: bool) -> tuple[ArrayRecord | None, list | None, Evaluation | None]:
+    """One exchange with the hospitals (see the module docstring): send `arrays` (the global
+    weights before BatchNormalization calibration) and `previous` (round, pooled statistics) of the
+    last global model; returns (the averaged updates, or None without training; the pooled
+    statistics of `arrays`, or None if no hospital sent any; the evaluation of `previous`).
     """
-    layers = batch_norm_layers(model)
-    if not layers:
-        return arrays
     start = time.perf_counter()
-    online = wait_for_nodes(grid, settings.min_available_nodes, settings.node_wait_timeout)
-    content = RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": record.round})})
-    messages = [Message(content=content, message_type=CALIBRATE, dst_node_id=node) for node in online]
+    # weights-round: whose global model `arrays` are (round r's average trains in round r + 1).
+    config = ConfigRecord({"server-round": record.round, "lr-scale": lr_scale(settings, record.round),
+                           "weights-round": record.round - 1 if train else record.round})
+    if previous is not None:
+        config["previous-round"] = previous[0]
+    if train:
+        messages = list(strategy.configure_train(record.round, arrays, config, grid))
+    else:
+        online = wait_for_nodes(grid, settings.min_available_nodes, settings.node_wait_timeout)
+        content = RecordDict({"arrays": arrays, "config": config})
+        messages = [Message(content=content, message_type=CALIBRATE, dst_node_id=node) for node in online]
+    if previous is not None and messages:
+        messages[0].content[PREVIOUS_STATISTICS] = ArrayRecord(previous[1])  # the messages share one content
     record.bytes_down += sum(content_bytes(m) for m in messages)
     replies, unanswered = exchange(grid, strategy, messages, settings.round_timeout)
-    usable = strategy.collect("calibrate", replies)
+    if train:
+        new_arrays, averaged = strategy.aggregate_train(record.round, replies)
+    else:
+        strategy.collect("calibrate", replies)
+        new_arrays, averaged = None, strategy.phase.averaged_metrics()
     record.bytes_up += strategy.phase.bytes_up
     record.failures += _failures(strategy, unanswered, known, settings, record.round)
+    evaluation = Evaluation(previous[0]) if previous is not None else None
     for k, report in _reports_by_hospital(strategy, known).items():
-        record.hospitals.setdefault(k, {})["calibration_time_s"] = float(report.get("calibration-time-s", 0.0))
-    if usable:
-        pooled = pool_batch_norm_statistics(
-            [(int(next(iter(m.content.metric_records.values()))[WEIGHT_KEY]),
-              next(iter(m.content.array_records.values())).to_numpy_ndarrays()) for m in usable])
-        model.set_weights(arrays.to_numpy_ndarrays())
-        for layer, mean, var in zip(layers, pooled[0::2], pooled[1::2]):
-            layer.moving_mean.assign(mean.astype(np.float32))
-            layer.moving_variance.assign(var.astype(np.float32))
-        arrays = ArrayRecord(model.get_weights())
+        hospital = record.hospitals.setdefault(k, {})
+        hospital["calibration_time_s"] = float(report.get("calibration-time-s", 0.0))
+        if train:
+            hospital.update({"examples": int(report.get(WEIGHT_KEY, 0)),
+                             "train_time_s": float(report.get("train-time-s", 0.0)),
+                             "epochs_run": int(report.get("epochs-run", 0)),
+                             **_metric_values(report, ("train_", "local_val_"))})
+        if evaluation is not None and report.get(VAL_WEIGHT_KEY, 0) > 0:
+            evaluation.hospitals[k] = {"val_examples": int(report[VAL_WEIGHT_KEY]),
+                                       **_metric_values(report, ("val_",))}
+    if train:
+        record.metrics.update({k: v for k, v in averaged.items() if not k.startswith("val_")})
+        record.metrics["learning_rate"] = settings.learning_rate * lr_scale(settings, record.round)
+        record.train_phase_s = time.perf_counter() - start
     else:
-        log(WARNING, "round %d: no hospital returned BatchNormalization statistics; keeping FedAvg's average",
-            record.round)
-    record.calibration_phase_s = time.perf_counter() - start
-    record.wall_time_s += record.calibration_phase_s
-    return arrays
+        record.calibration_phase_s = time.perf_counter() - start
+    if evaluation is not None:
+        evaluation.metrics = {k: v for k, v in averaged.items() if k.startswith("val_")}
+    statistics = list(strategy.phase.statistics.values())
+    pooled = pool_batch_norm_statistics(statistics) if statistics and sum(n for n, _ in statistics) else None
+    if train and new_arrays is None:
+        log(WARNING, "round %d: no hospital returned an update; the global model is unchanged", record.round)
+        new_arrays = arrays
+    return new_arrays, pooled, evaluation
 
 
-def final_evaluation(grid: Grid, strategy: HospitalFedAvg, settings: RunSettings, record: RoundRecord,
-                     arrays: ArrayRecord, known: dict[int, int]) -> None:
-    """The last global model on every hospital's validation split, into the last round's record."""
+def evaluate_global_model(grid: Grid, strategy: HospitalFedAvg, settings: RunSettings, record: dict,
+                          arrays: ArrayRecord, known: dict[int, int]) -> Evaluation:
+    """A saved global model on every hospital's validation split, with its own exchange."""
     wait_for_nodes(grid, max(settings.min_available_nodes, settings.min_evaluate_nodes), settings.node_wait_timeout)
     start = time.perf_counter()
-    messages = list(strategy.configure_evaluate(record.round, arrays, ConfigRecord(), grid))
-    record.bytes_down += sum(content_bytes(m) for m in messages)
+    messages = list(strategy.configure_evaluate(record["round"], arrays, ConfigRecord(), grid))
+    record["bytes_down"] += sum(content_bytes(m) for m in messages)
     replies, unanswered = exchange(grid, strategy, messages, settings.round_timeout)
-    averaged = strategy.aggregate_evaluate(record.round, replies)
-    record.evaluate_phase_s = time.perf_counter() - start
-    record.wall_time_s += record.evaluate_phase_s
-    record.bytes_up += strategy.phase.bytes_up
-    record.failures += _failures(strategy, unanswered, known, settings, record.round)
+    averaged = strategy.aggregate_evaluate(record["round"], replies)
+    record["bytes_up"] += strategy.phase.bytes_up
+    record["failures"] += _failures(strategy, unanswered, known, settings, record["round"])
+    evaluation = Evaluation(record["round"], {k: float(v) for k, v in (averaged or {}).items()})
     for k, report in _reports_by_hospital(strategy, known).items():
-        record.hospitals.setdefault(k, {}).update({"val_examples": int(report.get(VAL_WEIGHT_KEY, 0)),
-                                                   **_metric_values(report, ("val_",))})
-    record.metrics.update({k: float(v) for k, v in (averaged or {}).items()})
+        evaluation.hospitals[k] = {"val_examples": int(report.get(VAL_WEIGHT_KEY, 0)),
+                                   **_metric_values(report, ("val_",))}
+    seconds = time.perf_counter() - start
+    record["evaluate_phase_s"] += seconds
+    record["wall_time_s"] += seconds
+    return evaluation
 
 
-def merge_evaluation(target: dict, evaluation: RoundRecord) -> None:
+def merge_evaluation(target: dict, evaluation: Evaluation) -> None:
     """Add an evaluation's val_* (metrics and per hospital) to a stored round record."""
     target["metrics"].update(evaluation.metrics)
     for k, values in evaluation.hospitals.items():
@@ -378,6 +379,44 @@ def history_of(records: list[dict]) -> dict[str, list[float]]:
     return {name: [r["metrics"].get(name) for r in records] for name in names}
 
 
+class Federation:
+    """The run's global models and records as the rounds finish them (see the module docstring)."""
+
+    def __init__(self, settings: RunSettings, model, checkpoints: Checkpoints, tracking: Tracking, state: dict):
+        self.settings, self.model, self.checkpoints, self.tracking, self.state = (
+            settings, model, checkpoints, tracking, state)
+
+    def record_of(self, server_round: int) -> dict:
+        return self.state["rounds"][server_round - 1] if server_round >= 1 else self.state["initial"]
+
+    def evaluated(self, evaluation: Evaluation | None) -> None:
+        if evaluation is None:
+            return
+        merge_evaluation(self.record_of(evaluation.round), evaluation)
+        if evaluation.round >= 1:
+            self.tracking.log(RoundRecord(**self.record_of(evaluation.round)).val_metrics(), evaluation.round)
+
+    def finish_model(self, record: RoundRecord | None, arrays: ArrayRecord, pooled: list | None,
+                     server_round: int) -> None:
+        """The global model of `server_round`: its weights with the pooled statistics, saved with
+        its round's record (None: the initial model, or a resumed round already on record)."""
+        self.model.set_weights(arrays.to_numpy_ndarrays())
+        if pooled is not None:
+            set_batch_norm_statistics(self.model, pooled)
+        elif batch_norm_layers(self.model):
+            log(WARNING, "round %d: no hospital returned BatchNormalization statistics; keeping FedAvg's average",
+                server_round)
+        if server_round == 0:
+            return
+        if record is not None:
+            self.state["rounds"].append(asdict(record))
+        self.state["round"] = server_round
+        self.checkpoints.save(self.model, server_round, self.state)
+        if record is not None and server_round < self.settings.rounds:  # the last waits for its evaluation
+            self.tracking.log(record.round_metrics(), server_round)
+            _log_round(self.settings, self.state)
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     import tensorflow as tf
@@ -419,31 +458,45 @@ def main(grid: Grid, context: Context) -> None:
                               min_train_nodes=settings.min_train_nodes,
                               min_evaluate_nodes=settings.min_evaluate_nodes,
                               min_available_nodes=settings.min_available_nodes)
+    federation = Federation(settings, model, checkpoints, tracking, state)
+    # The weights the hospitals get next (the initial or resumed model, then each round's average)
+    # and the last finished global model the next message lets them evaluate: (round, statistics).
     arrays = ArrayRecord(model.get_weights())
+    previous: tuple[int, list] | None = None
+    pending: RoundRecord | None = None  # the round whose average awaits its statistics
     try:
         for server_round in range(first, settings.rounds + 1):
             log(INFO, "[%s] round %d/%d", settings.role, server_round, settings.rounds)
-            arrays, record, evaluation = train_round(grid, strategy, settings, server_round, arrays, known)
-            arrays = calibrate(grid, strategy, settings, record, model, arrays, known)
-            # The previous global model's federated evaluation came back with this round's updates.
-            merge_evaluation(state["rounds"][-1] if state["rounds"] else state["initial"], evaluation)
-            if evaluation.round >= 1:
-                tracking.log(evaluation.val_metrics(), evaluation.round)
-            model.set_weights(arrays.to_numpy_ndarrays())
-            state["round"] = server_round
-            state["rounds"].append(asdict(record))
+            start = time.perf_counter()
+            # FedAvg's own sampling would wait for these forever; we wait with a deadline.
+            online = wait_for_nodes(grid, max(settings.min_available_nodes, settings.min_train_nodes),
+                                    settings.node_wait_timeout)
+            record = RoundRecord(round=server_round, nodes_online=len(online))
+            new_arrays, pooled, evaluation = hospital_round(grid, strategy, settings, record, arrays, previous,
+                                                            known, train=True)
             state["node_hospital"] = {str(n): k for n, k in known.items()}
-            checkpoints.save(model, server_round, state)
-            if server_round < settings.rounds:  # the last round's figures wait for its evaluation
-                tracking.log(record.round_metrics(), server_round)
-                _log_round(settings, state)
-        last = RoundRecord(**state["rounds"][-1])
-        if not any(k.startswith("val_") for k in last.metrics):
-            # Nothing comes after the last round to carry its evaluation: ask for it.
-            final_evaluation(grid, strategy, settings, last, ArrayRecord(model.get_weights()), known)
-            state["rounds"][-1] = asdict(last)
-            checkpoints.save_state(state)
-            tracking.log(last.round_metrics() | last.val_metrics(), last.round)
+            federation.evaluated(evaluation)
+            federation.finish_model(pending, arrays, pooled, server_round - 1)
+            previous = (server_round - 1, pooled or [])
+            arrays, pending = new_arrays, record
+            record.wall_time_s = time.perf_counter() - start
+        if pending is not None:
+            # Nothing comes after the last round to calibrate its average: ask for it.
+            start = time.perf_counter()
+            _, pooled, evaluation = hospital_round(grid, strategy, settings, pending, arrays, previous, known,
+                                                   train=False)
+            pending.wall_time_s += time.perf_counter() - start
+            federation.evaluated(evaluation)
+            federation.finish_model(pending, arrays, pooled, settings.rounds)
+        # The last global model, and any whose evaluation a resume lost: an evaluate message each.
+        for record in state["rounds"]:
+            if not any(k.startswith("val_") for k in record["metrics"]):
+                saved = tf.keras.models.load_model(checkpoints.model_path(record["round"]), compile=False)
+                federation.evaluated(evaluate_global_model(grid, strategy, settings, record,
+                                                           ArrayRecord(saved.get_weights()), known))
+                if record["round"] == settings.rounds:
+                    tracking.log(RoundRecord(**record).round_metrics(), record["round"])
+        checkpoints.save_state(state)
         _log_round(settings, state)
     except BaseException:
         tracking.finish("FAILED")

@@ -1,11 +1,12 @@
 """FedAvg, plus a record of who took part in each round and what each hospital reported.
 
 Flower's FedAvg samples the SuperNodes online at the start of a phase (so one that joined
-during the run is in the next round), averages the arrays weighted by ``num-examples`` and
-the metrics the same way. This subclass only adds bookkeeping: the per-hospital values
-(examples, training time, local metrics) are kept before averaging and are left out of the
-averages, replies that failed are kept with their reason, and an evaluation reply from a
-hospital without validation data is not averaged in (it has no metrics to average).
+during the run is in the next round) and averages the arrays weighted by ``num-examples``.
+This subclass adds bookkeeping: the per-hospital values (examples, training time, local
+metrics) are kept and left out of the averages, replies that failed are kept with their
+reason, each hospital's BatchNormalization statistics are set aside for the server to pool,
+and metrics are averaged over the hospitals that have them (a hospital without validation data,
+or one that joined after the model it would evaluate was sent, has no val_* to average).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from flwr.app import Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
-from fedbrain.federated.task import META_KEYS, VAL_WEIGHT_KEY, WEIGHT_KEY
+from fedbrain.federated.task import CALIBRATION_WEIGHT_KEY, META_KEYS, STATISTICS, VAL_WEIGHT_KEY, WEIGHT_KEY
 
 
 def average_metrics(records: list[RecordDict], weight_key: str) -> MetricRecord:
@@ -58,6 +59,12 @@ class Phase:
     reports: dict[int, dict] = field(default_factory=dict)  # node id -> its MetricRecord
     failures: list[dict] = field(default_factory=list)      # {node_id, phase, reason}
     bytes_up: int = 0
+    statistics: dict[int, tuple[int, list]] = field(default_factory=dict)  # node id -> (images, [mean, var, ...])
+
+    def averaged_metrics(self) -> dict[str, float]:
+        """The reports' model metrics averaged over the hospitals that have them."""
+        records = [RecordDict({"metrics": MetricRecord(report)}) for report in self.reports.values()]
+        return {k: float(v) for k, v in average_metrics(records, WEIGHT_KEY).items()}
 
 
 class HospitalFedAvg(FedAvg):
@@ -80,15 +87,31 @@ class HospitalFedAvg(FedAvg):
                 self.phase.failures.append({"node_id": node, "phase": phase, "reason": msg.error.reason})
                 continue
             self.phase.bytes_up += content_bytes(msg)
-            metrics = dict(next(iter(msg.content.metric_records.values())))
+            content = msg.content
+            metrics = dict(next(iter(content.metric_records.values())))
             self.phase.reports[node] = metrics
+            if STATISTICS in content.array_records:
+                self.phase.statistics[node] = (int(metrics.get(CALIBRATION_WEIGHT_KEY, 0)),
+                                               content.array_records[STATISTICS].to_numpy_ndarrays())
             # No examples, no weight: nothing to average (and FedAvg would divide by zero).
             if metrics.get(WEIGHT_KEY, 0) > 0:
                 usable.append(msg)
         return usable
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
-        return super().aggregate_train(server_round, self.collect("train", replies))
+        """(The examples-weighted average of the updates, the averaged metrics)."""
+        updates = []
+        for msg in self.collect("train", replies):
+            if "arrays" not in msg.content.array_records:
+                continue
+            # FedAvg wants one ArrayRecord and the same metric keys in every reply: give it the
+            # update and its weight; the metrics are averaged from the reports (Phase.averaged_metrics).
+            examples = next(iter(msg.content.metric_records.values()))[WEIGHT_KEY]
+            msg.content = RecordDict({"arrays": msg.content.array_records["arrays"],
+                                      "metrics": MetricRecord({WEIGHT_KEY: examples})})
+            updates.append(msg)
+        arrays, _ = super().aggregate_train(server_round, updates)
+        return arrays, self.phase.averaged_metrics()
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]):
         return super().aggregate_evaluate(server_round, self.collect("evaluate", replies))

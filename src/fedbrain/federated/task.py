@@ -25,7 +25,14 @@ ROLES = {"classifier": "classification", "segmenter": "segmentation"}
 WEIGHT_KEY = "num-examples"
 # val_* metrics are averaged weighted by each hospital's validation examples instead.
 VAL_WEIGHT_KEY = "val-examples"
-META_KEYS = (WEIGHT_KEY, VAL_WEIGHT_KEY, "hospital", "train-time-s", "epochs-run", "calibration-time-s")
+# Message records: a hospital's BatchNormalization statistics of the weights it received
+# (hospital -> server), and the pooled statistics of the previous global model (server -> hospital).
+STATISTICS = "statistics"
+PREVIOUS_STATISTICS = "previous-statistics"
+# BatchNormalization statistics are pooled weighted by the images they were measured on.
+CALIBRATION_WEIGHT_KEY = "calibration-images"
+META_KEYS = (WEIGHT_KEY, VAL_WEIGHT_KEY, CALIBRATION_WEIGHT_KEY, "hospital", "train-time-s", "epochs-run",
+             "calibration-time-s")
 
 
 @dataclass(frozen=True)
@@ -177,6 +184,13 @@ def batch_norm_layers(model) -> list:
     return [m for m in model.submodules if isinstance(m, tf.keras.layers.BatchNormalization)]
 
 
+def set_batch_norm_statistics(model, stats: list) -> None:
+    """Make [mean_1, var_1, mean_2, ...] (batch_norm_statistics' order) the moving statistics."""
+    for layer, mean, var in zip(batch_norm_layers(model), stats[0::2], stats[1::2]):
+        layer.moving_mean.assign(np.asarray(mean, dtype=np.float32))
+        layer.moving_variance.assign(np.asarray(var, dtype=np.float32))
+
+
 def batch_norm_statistics(model, settings: RunSettings, hospital: int) -> tuple[list, int, float]:
     """Per BatchNormalization layer, the mean and variance of its input over this hospital's
     training images (a sample of `calibration_images`, 0 = all) under the given weights:
@@ -199,6 +213,8 @@ def batch_norm_statistics(model, settings: RunSettings, hospital: int) -> tuple[
         data = Split(data.images[keep], data.labels[keep], None if data.masks is None else data.masks[keep],
                      [data.image_ids[i] for i in keep], [data.patient_ids[i] for i in keep])
     layers = batch_norm_layers(model)
+    if not layers:
+        return [], len(data), time.perf_counter() - start
     num_classes = int(model.output_shape[-1]) if settings.task == "classification" else 1
     batch_size = int(settings.train_params.get("batch_size", 32))
     sums = [[0.0, 0.0] for _ in layers]

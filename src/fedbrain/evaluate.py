@@ -226,6 +226,12 @@ def _kept_epoch(history: dict[str, list[float]]) -> int:
     return int(np.argmin(losses)) if losses else len(next(iter(history.values()), [0])) - 1
 
 
+def _run_label(result: dict, test_key: str) -> str:
+    """'<run> (test 0.962)'; a missing score says so (0.0 is a score, not a missing one)."""
+    score = result["metrics"].get(test_key)
+    return f"{result['info']['run']} (test {'n/a' if score is None else f'{score:.3f}'})"
+
+
 def plot_rounds(results: list[dict], task: str, path: Path) -> Path | None:
     """Federated runs' global validation score per round, each centralized run of the same task as a
     reference line (its score at the epoch it kept); test scores in the legend."""
@@ -240,12 +246,12 @@ def plot_rounds(results: list[dict], task: str, path: Path) -> Path | None:
     for r in federated:
         values = r["info"]["history"][f"val_{key}"]
         ax.plot(range(1, len(values) + 1), values, "o-", markersize=3,
-                label=f"{r['info']['run']} (test {r['metrics'].get(test_key) or float('nan'):.3f})")
+                label=_run_label(r, test_key))
     for r in runs:
         if r["info"]["training"] == "centralized":
             history = r["info"]["history"]
             ax.axhline(history[f"val_{key}"][_kept_epoch(history)], linestyle="--", color="grey",
-                       label=f"{r['info']['run']} (test {r['metrics'].get(test_key) or float('nan'):.3f})")
+                       label=_run_label(r, test_key))
     ax.set_xlabel("round")
     ax.set_ylabel(f"global val_{key}")
     ax.set_title(f"{task}: federated per round vs centralized", fontsize=9)

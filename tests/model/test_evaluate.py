@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from fedbrain import tracking
-from fedbrain.evaluate import classification_metrics, dice_hd95, segmentation_metrics
+from fedbrain.evaluate import _run_label, classification_metrics, dice_hd95, segmentation_metrics
 from fedbrain.evaluate import run as evaluate
 from fedbrain.models import build_model
 from fedbrain.train import save_model
@@ -160,3 +160,9 @@ def test_round_plot_draws_federated_rounds_against_the_centralized_kept_epoch(tm
     # Nothing federated with a history (or another task only): no plot.
     assert plot_rounds(results[:1], "classification", tmp_path / "none.png") is None
     assert plot_rounds(results, "segmentation", tmp_path / "seg.png") is None
+
+
+def test_round_plot_legend_shows_a_zero_score_and_says_when_there_is_none():
+    run = {"info": {"run": "federated/fedavg"}, "metrics": {"test_dice": 0.0}}
+    assert _run_label(run, "test_dice") == "federated/fedavg (test 0.000)"
+    assert _run_label(run, "test_accuracy") == "federated/fedavg (test n/a)"

@@ -126,9 +126,10 @@ def test_batch_norm_statistics_are_those_of_the_layer_input(tmp_path):
     assert stats[0] == pytest.approx([images.mean()], rel=1e-4)
     assert stats[1] == pytest.approx([images.var()], rel=1e-3)
     assert model.layers[1].momentum == 0.99  # restored
-    # A seeded sample when calibration_images is smaller than the split.
-    sample, seen, _ = batch_norm_statistics(model, replace(settings, calibration_images=5), hospital=1)
-    assert seen == 5 and sample[0] != pytest.approx(stats[0], rel=1e-6)
+    # A seeded sample when calibration_images is smaller than the split; it still stands for the
+    # whole split when the server pools hospitals (weights by sample size would skew the pool).
+    sample, represented, _ = batch_norm_statistics(model, replace(settings, calibration_images=5), hospital=1)
+    assert represented == 12 and sample[0] != pytest.approx(stats[0], rel=1e-6)
 
 
 def test_pooled_statistics_follow_the_law_of_total_variance():

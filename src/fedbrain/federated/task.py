@@ -29,7 +29,7 @@ VAL_WEIGHT_KEY = "val-examples"
 # (hospital -> server), and the pooled statistics of the previous global model (server -> hospital).
 STATISTICS = "statistics"
 PREVIOUS_STATISTICS = "previous-statistics"
-# BatchNormalization statistics are pooled weighted by the images they were measured on.
+# BatchNormalization statistics are pooled weighted by the training images they stand for.
 CALIBRATION_WEIGHT_KEY = "calibration-images"
 META_KEYS = (WEIGHT_KEY, VAL_WEIGHT_KEY, CALIBRATION_WEIGHT_KEY, "hospital", "train-time-s", "epochs-run",
              "calibration-time-s")
@@ -194,7 +194,11 @@ def set_batch_norm_statistics(model, stats: list) -> None:
 def batch_norm_statistics(model, settings: RunSettings, hospital: int) -> tuple[list, int, float]:
     """Per BatchNormalization layer, the mean and variance of its input over this hospital's
     training images (a sample of `calibration_images`, 0 = all) under the given weights:
-    ([mean_1, var_1, mean_2, ...], images, seconds).
+    ([mean_1, var_1, mean_2, ...], training images they stand for, seconds).
+
+    The count is the whole training split's, sample or not: the server weighs each hospital's
+    statistics by it, so the pooled ones describe all the federation's training images as the
+    centralized model's do (weighing by sample size would shrink the largest hospital's share).
 
     Why: FedAvg averages each hospital's moving statistics, but those describe the hospital's
     own model, not the averaged one; a global model with them predicts one class for everything.
@@ -206,6 +210,7 @@ def batch_norm_statistics(model, settings: RunSettings, hospital: int) -> tuple[
 
     start = time.perf_counter()
     data = hospital_data(settings, hospital, "train")
+    population = len(data)
     if 0 < settings.calibration_images < len(data):
         # A seeded random sample: the split is stored in label order, its head is one class.
         keep = np.sort(np.random.default_rng(settings.seed).choice(len(data), settings.calibration_images,
@@ -214,7 +219,7 @@ def batch_norm_statistics(model, settings: RunSettings, hospital: int) -> tuple[
                      [data.image_ids[i] for i in keep], [data.patient_ids[i] for i in keep])
     layers = batch_norm_layers(model)
     if not layers:
-        return [], len(data), time.perf_counter() - start
+        return [], population, time.perf_counter() - start
     num_classes = int(model.output_shape[-1]) if settings.task == "classification" else 1
     batch_size = int(settings.train_params.get("batch_size", 32))
     sums = [[0.0, 0.0] for _ in layers]
@@ -239,4 +244,4 @@ def batch_norm_statistics(model, settings: RunSettings, hospital: int) -> tuple[
     for first, second in sums:
         mean = first / max(seen, 1)
         stats += [mean, second / max(seen, 1) - mean ** 2]
-    return stats, seen, time.perf_counter() - start
+    return stats, population, time.perf_counter() - start

@@ -234,7 +234,9 @@ def hospital_round(grid: Grid, strategy: HospitalFedAvg, settings: RunSettings, 
     evaluation = Evaluation(previous[0]) if previous is not None else None
     for k, report in _reports_by_hospital(strategy, known).items():
         hospital = record.hospitals.setdefault(k, {})
-        hospital["calibration_time_s"] = float(report.get("calibration-time-s", 0.0))
+        # The last round calibrates twice (its train message, then the final calibration).
+        hospital["calibration_time_s"] = hospital.get("calibration_time_s", 0.0) + float(
+            report.get("calibration-time-s", 0.0))
         if train:
             hospital.update({"examples": int(report.get(WEIGHT_KEY, 0)),
                              "train_time_s": float(report.get("train-time-s", 0.0)),

@@ -381,7 +381,7 @@ def history_of(records: list[dict]) -> dict[str, list[float]]:
     return {name: [r["metrics"].get(name) for r in records] for name in names}
 
 
-class Federation:
+class GlobalModels:
     """The run's global models and records as the rounds finish them (see the module docstring)."""
 
     def __init__(self, settings: RunSettings, model, checkpoints: Checkpoints, tracking: Tracking, state: dict):
@@ -460,7 +460,7 @@ def main(grid: Grid, context: Context) -> None:
                               min_train_nodes=settings.min_train_nodes,
                               min_evaluate_nodes=settings.min_evaluate_nodes,
                               min_available_nodes=settings.min_available_nodes)
-    federation = Federation(settings, model, checkpoints, tracking, state)
+    global_models = GlobalModels(settings, model, checkpoints, tracking, state)
     # The weights the hospitals get next (the initial or resumed model, then each round's average)
     # and the last finished global model the next message lets them evaluate: (round, statistics).
     arrays = ArrayRecord(model.get_weights())
@@ -477,8 +477,8 @@ def main(grid: Grid, context: Context) -> None:
             new_arrays, pooled, evaluation = hospital_round(grid, strategy, settings, record, arrays, previous,
                                                             known, train=True)
             state["node_hospital"] = {str(n): k for n, k in known.items()}
-            federation.evaluated(evaluation)
-            federation.finish_model(pending, arrays, pooled, server_round - 1)
+            global_models.evaluated(evaluation)
+            global_models.finish_model(pending, arrays, pooled, server_round - 1)
             previous = (server_round - 1, pooled or [])
             arrays, pending = new_arrays, record
             record.wall_time_s = time.perf_counter() - start
@@ -488,14 +488,14 @@ def main(grid: Grid, context: Context) -> None:
             _, pooled, evaluation = hospital_round(grid, strategy, settings, pending, arrays, previous, known,
                                                    train=False)
             pending.wall_time_s += time.perf_counter() - start
-            federation.evaluated(evaluation)
-            federation.finish_model(pending, arrays, pooled, settings.rounds)
+            global_models.evaluated(evaluation)
+            global_models.finish_model(pending, arrays, pooled, settings.rounds)
         # The last global model, and any whose evaluation a resume lost: an evaluate message each.
         for record in state["rounds"]:
             if not any(k.startswith("val_") for k in record["metrics"]):
                 saved = tf.keras.models.load_model(checkpoints.model_path(record["round"]), compile=False)
-                federation.evaluated(evaluate_global_model(grid, strategy, settings, record,
-                                                           ArrayRecord(saved.get_weights()), known))
+                global_models.evaluated(evaluate_global_model(grid, strategy, settings, record,
+                                                                  ArrayRecord(saved.get_weights()), known))
                 if record["round"] == settings.rounds:
                     tracking.log(RoundRecord(**record).round_metrics(), record["round"])
         checkpoints.save_state(state)

@@ -102,8 +102,6 @@ class HospitalFedAvg(FedAvg):
         """(The examples-weighted average of the updates, the averaged metrics)."""
         updates = []
         for msg in self.collect("train", replies):
-            if "arrays" not in msg.content.array_records:
-                continue
             # FedAvg wants one ArrayRecord and the same metric keys in every reply: give it the
             # update and its weight; the metrics are averaged from the reports (Phase.averaged_metrics).
             examples = next(iter(msg.content.metric_records.values()))[WEIGHT_KEY]

@@ -1,4 +1,4 @@
-"""A real federation on loopback: flower-superlink, one flower-supernode per hospital, `flwr run`.
+"""A real federation on loopback: flower-superlink, one SuperNode per hospital, `flwr run`.
 
 TLS and SuperNode authentication are on (keys made in tmp_path), the ClientApps train a tiny
 Keras model on tiny per-hospital data, and the ServerApp logs to an MLflow store in tmp_path.
@@ -144,7 +144,7 @@ def test_two_rounds_three_hospitals_tls_auth_tracked_and_cleaned_up(tmp_path, ti
 
     # Nothing the launcher started outlives it (and the scan did see them while they ran).
     assert any("flower-superlink" in c for c in during), during
-    assert sum("flower-supernode" in c for c in during) == 3, during
+    assert sum("fedbrain.federated.supernode" in c for c in during) == 3, during
     assert any("flwr-serverapp" in c for c in during), during
     # Each hospital's ClientApp runs in one long-lived process (TensorFlow imported once), not
     # in a new flwr-clientapp process per message.
@@ -304,7 +304,7 @@ def test_interrupted_launcher_stops_every_process_and_resume_continues(tmp_path,
     with pytest.raises(KeyboardInterrupt):
         # The signal lands in the main thread while run() waits for the run to end.
         launcher.run(params, processed, partition, out, echo=interrupt_after_round_1)
-    assert any("flwr-serverapp" in c for c in seen) and sum("flower-supernode" in c for c in seen) == 2, seen
+    assert any("flwr-serverapp" in c for c in seen) and sum("fedbrain.federated.supernode" in c for c in seen) == 2, seen
     assert federation_processes(tmp_path) == []
     saved = json.loads((out / "checkpoints" / "classifier" / "state.json").read_text())
     assert saved["round"] == 1 and not (out / "classifier.keras").exists()

@@ -142,3 +142,22 @@ def test_pooled_statistics_follow_the_law_of_total_variance():
                                          (2, [np.array([b.mean()]), np.array([b.var()])])])
     both = np.concatenate([a, b])
     assert pooled[0] == pytest.approx([both.mean()]) and pooled[1] == pytest.approx([both.var()])
+
+
+def test_supernode_waits_are_capped_and_flower_still_polls_with_time(monkeypatch):
+    """fedbrain.federated.supernode shortens the SuperNode loop's sleeps; nothing else of `time`."""
+    import time
+
+    from flwr.supernode import start_client_internal as loop
+
+    from fedbrain.federated import supernode
+
+    # The pinned Flower's loop sleeps through the module-level `time` the wrapper replaces.
+    assert loop.time is time
+    slept = []
+    monkeypatch.setattr(time, "sleep", slept.append)
+    waits = supernode._ShortWaits("time")
+    waits.sleep(3)     # the idle wait between polls
+    waits.sleep(0.05)  # shorter waits stay as they are
+    assert slept == [supernode.WAIT_S, 0.05]
+    assert waits.monotonic is time.monotonic

@@ -1,10 +1,11 @@
 """Flower's Deployment Engine on this machine: a SuperLink, one SuperNode per hospital, `flwr run`.
 
 `run()` is the `train-federated` stage. It starts `flower-superlink` and one `flower-supernode`
-per hospital as separate processes on loopback, registers each SuperNode's public key, submits
-the app in `fedbrain/federated/app` and streams the ServerApp's log as it arrives (through the
-SuperLink's Control API, as `flwr supernode register` and `flwr run --stream` do; see
-`control.py`), and stops every process it started when the run ends, fails or is interrupted.
+per hospital (through `fedbrain.federated.supernode`) as separate processes on loopback,
+registers each SuperNode's public key, submits the app in `fedbrain/federated/app` and streams
+the ServerApp's log as it arrives (through the SuperLink's Control API, as
+`flwr supernode register` and `flwr run --stream` do; see `control.py`), and stops every
+process it started when the run ends, fails or is interrupted.
 
 Secure by default: TLS on every connection (a private CA and a SuperLink certificate) and
 SuperNode authentication (the SuperLink admits only registered keys), all made on first use by
@@ -359,7 +360,9 @@ class Federation:
         appio = f"{LOOPBACK}:{free_port()}"
         # --isolation process: the ClientApp runs in this hospital's clientapp_runtime process
         # (started below, TensorFlow imported once), not in a new process per message.
-        cmd = ["flower-supernode", "--superlink", self.fleet_address, "--isolation", "process",
+        # fedbrain.federated.supernode: `flower-supernode` with shorter waits between its polls.
+        cmd = [sys.executable, "-m", "fedbrain.federated.supernode", "--superlink", self.fleet_address,
+               "--isolation", "process",
                "--clientappio-api-address", appio,
                "--node-config", node_config]  # its app bundles go to FLWR_HOME (the run's folder)
         if self.secure:

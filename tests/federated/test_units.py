@@ -96,16 +96,11 @@ def test_local_mlflow_stores_are_made_absolute(tmp_path, monkeypatch):
     assert absolute_uri("http://mlflow:5000") == "http://mlflow:5000"
 
 
-def test_batch_norm_statistics_are_those_of_the_layer_input(tmp_path):
-    """A BatchNormalization layer right after the input measures the images themselves."""
+def _run_settings(tmp_path: Path):
+    """A hospital's RunSettings for the tiny data of 2 hospitals (batches of 5)."""
     import json
 
-    import numpy as np
-    import tensorflow as tf
-
-    from dataclasses import replace
-
-    from fedbrain.federated.task import RunSettings, batch_norm_statistics, hospital_data, lr_scale
+    from fedbrain.federated.task import RunSettings
 
     processed, partition = make_federated_data(tmp_path / "data", hospitals=2)
     params = federated_params(tmp_path)
@@ -115,7 +110,18 @@ def test_batch_norm_statistics_are_those_of_the_layer_input(tmp_path):
            "fraction-train": 1.0, "fraction-evaluate": 1.0, "min-train-nodes": 2, "min-evaluate-nodes": 2,
            "min-available-nodes": 2, "round-timeout": 1.0, "node-wait-timeout": 1.0, "resume": False,
            "run-name": "t", "secure": True, "calibration-images": 0, "lr-decay": "cosine"}
-    settings = RunSettings.from_run_config(cfg)
+    return RunSettings.from_run_config(cfg)
+
+
+def test_batch_norm_statistics_are_those_of_the_layer_input(tmp_path):
+    """A BatchNormalization layer right after the input measures the images themselves."""
+    from dataclasses import replace
+
+    import tensorflow as tf
+
+    from fedbrain.federated.task import batch_norm_statistics, hospital_data, lr_scale
+
+    settings = _run_settings(tmp_path)
     assert [round(lr_scale(replace(settings, rounds=2), r), 3) for r in (1, 2)] == [1.0, 0.5]  # cosine
     assert lr_scale(replace(settings, lr_decay="none"), 2) == 1.0
     inputs = tf.keras.Input((16, 16, 1))
@@ -161,3 +167,25 @@ def test_supernode_waits_are_capped_and_flower_still_polls_with_time(monkeypatch
     waits.sleep(0.05)  # shorter waits stay as they are
     assert slept == [supernode.WAIT_S, 0.05]
     assert waits.monotonic is time.monotonic
+
+
+def test_a_hospital_reuses_its_model_with_a_freshly_reset_optimizer(tmp_path):
+    """Each message trains from the global weights with Adam as newly compiled, as a new model would."""
+    import numpy as np
+    import tensorflow as tf
+
+    from fedbrain.federated import client_app
+    from fedbrain.federated.task import train_locally
+
+    settings = _run_settings(tmp_path)
+    model = client_app._model(settings, run_id=7, learning_rate=0.01)
+    train_locally(model, settings, hospital=0, server_round=1)
+    assert any(np.any(v.numpy()) for v in model.optimizer.variables)  # steps taken, moments moved
+    again = client_app._model(settings, run_id=7, learning_rate=0.005)
+    assert again is model
+    assert len(model.optimizer.variables) > 1 and not any(np.any(v.numpy()) for v in model.optimizer.variables)
+    assert tf.keras.backend.get_value(model.optimizer.learning_rate) == pytest.approx(0.005)
+    # Another run gets its own model at train.<role>'s rate.
+    other = client_app._model(settings, run_id=8)
+    assert other is not model
+    assert tf.keras.backend.get_value(other.optimizer.learning_rate) == pytest.approx(settings.learning_rate)

@@ -14,8 +14,9 @@ One message per round does three things, so that a round costs one exchange with
      which the server pools into that global model;
   3. train from the received weights (train messages only; the last round's calibration is a
      ``query.calibrate`` message that does 1 and 2).
-Only the last global model needs an evaluate message of its own. Every message runs in the
-hospital's one long-lived ClientApp process (see clientapp_runtime.py).
+Only the last global model needs an evaluation message of its own (``query.evaluate_kept``).
+Every message runs in the hospital's one long-lived ClientApp process (see clientapp_runtime.py),
+which keeps the run's compiled model from one message to the next.
 """
 
 from __future__ import annotations
@@ -32,6 +33,28 @@ app = ClientApp()
 # Context.state: the weights received with the last message, and the round whose global model they are.
 RECEIVED = "received-weights"
 RECEIVED_ROUND = "received-round"
+
+
+# The run's compiled model, built at this process's first message and reused by every later one:
+# building it and tracing its Keras functions again cost ~1 s of every message (cnn, 2 cores).
+_MODELS: dict[int, object] = {}
+
+
+def _model(settings: RunSettings, run_id: int, learning_rate: float | None = None):
+    """This run's model, its optimizer as freshly compiled: Adam's moments and step count zero
+    (each round's local training starts anew from the global weights, as a new model would) and
+    its learning rate `learning_rate` (train.<role>'s by default). Weights are the caller's to set."""
+    import tensorflow as tf
+
+    model = _MODELS.get(run_id)
+    if model is None:
+        _MODELS.clear()  # one run at a time: drop an earlier run's model
+        tf.keras.backend.clear_session()
+        model = _MODELS[run_id] = build(settings)
+    for variable in model.optimizer.variables:
+        variable.assign(tf.zeros_like(variable))
+    tf.keras.backend.set_value(model.optimizer.learning_rate, learning_rate or settings.learning_rate)
+    return model
 
 
 def _hospital(context: Context) -> int:
@@ -64,7 +87,7 @@ def _round(msg: Message, context: Context, train: bool) -> Message:
     config = msg.content["config"]
     server_round = int(config["server-round"])
     # The server's per-round learning-rate share (task.lr_scale), applied to train.<role>'s rate.
-    model = build(settings, learning_rate=settings.learning_rate * float(config.get("lr-scale", 1.0)))
+    model = _model(settings, context.run_id, settings.learning_rate * float(config.get("lr-scale", 1.0)))
     metrics = {"hospital": hospital, **_evaluate_previous(model, msg, context, settings, hospital)}
 
     received = msg.content["arrays"]
@@ -101,12 +124,26 @@ def calibrate(msg: Message, context: Context) -> Message:
     return _round(msg, context, train=False)
 
 
+@app.query("evaluate_kept")
+def evaluate_kept(msg: Message, context: Context) -> Message:
+    """The last global model: the weights this hospital kept from the final calibration message,
+    with the pooled statistics that arrive now (as in step 1 above), so the weights need not
+    travel again. A hospital that did not receive them replies without val_* and is left out."""
+    settings = RunSettings.from_run_config(context.run_config)
+    hospital = _hospital(context)
+    metrics = {"hospital": hospital,
+               **_evaluate_previous(_model(settings, context.run_id), msg, context, settings, hospital)}
+    # Weighted as an evaluate reply (FedAvg's aggregate_evaluate): by validation examples.
+    metrics[WEIGHT_KEY] = metrics.get(VAL_WEIGHT_KEY, 0)
+    return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+
+
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """The global model as sent (statistics included) on this hospital's validation split."""
     settings = RunSettings.from_run_config(context.run_config)
     hospital = _hospital(context)
-    model = build(settings)
+    model = _model(settings, context.run_id)
     model.set_weights(msg.content["arrays"].to_numpy_ndarrays())
     results, examples = evaluate_locally(model, settings, hospital)
     # The server averages them weighted by examples into the global validation score.

@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     import grpc
-    import tensorflow as tf  # the warm part: once per process, not once per message
+    import tensorflow  # noqa: F401  (the warm part: once per process, not once per message)
     from flwr.common.grpc import create_channel
     from flwr.proto.appio_pb2 import ListAppsToLaunchRequest, RequestTokenRequest
     from flwr.proto.clientappio_pb2_grpc import ClientAppIoStub
@@ -67,8 +67,6 @@ def main(argv: list[str] | None = None) -> None:
         if not token:
             time.sleep(POLL_S)
             continue
-        # Each message builds its own model: drop the previous one's Keras graph state first.
-        tf.keras.backend.clear_session()
         try:
             run_clientapp(clientappio_api_address=args.appio_api_address, token=token, flwr_dir=args.flwr_dir)
         except Exception:  # noqa: BLE001  (a broken bundle must not take the hospital down)

@@ -11,8 +11,8 @@ BatchNormalization: FedAvg's average of the hospitals' moving statistics fits no
 BatchNormalization layer's input statistics under the averaged weights on their training data,
 and the pooled statistics complete the global model.
 
-One exchange per round. Each Flower exchange costs seconds of polling (a SuperNode asks for work
-every 3 s when idle), so round r + 1's train message does three things at each hospital:
+One exchange per round. Each Flower exchange costs polling and moving the weights, so round
+r + 1's train message does three things at each hospital:
   - measure the statistics of round r's average (the weights it trains from);
   - evaluate round r - 1's global model on its validation split: the weights it received with
     the previous message, kept in the run's Context.state, with the pooled statistics sent now;
@@ -20,13 +20,15 @@ every 3 s when idle), so round r + 1's train message does three things at each h
 After round r + 1's replies the server pools the statistics into round r's global model, saves
 it, and records round r - 1's federated evaluation (averaged weighted by validation examples).
 After the last round R, a `query.calibrate` message measures round R's statistics (and evaluates
-round R - 1's model) and an evaluate message (FedAvg's `configure_evaluate`) evaluates round R's.
+round R - 1's model) and a `query.evaluate_kept` message, carrying only the pooled statistics,
+evaluates round R's with the weights each hospital kept from the calibration message.
 A round's figures are logged once its global model is complete, its val_* when they arrive.
 
 The loop is Flower's `Strategy.start` written out, so that a round can be resumed from a
 checkpoint (`--resume`) and recorded (per-hospital metrics, failures, bytes, times) as it ends.
 A resumed run starts with the round after the last saved global model (the round in flight when
-it stopped is trained again); an evaluation the stop lost gets an evaluate message at the end.
+it stopped is trained again); an evaluation the stop lost gets an evaluate message (FedAvg's
+`configure_evaluate`, the saved model's weights and statistics) at the end.
 
 Writes, under `out`:
   checkpoints/<role>/round_<r>.keras and state.json   every round (resume reads these)
@@ -57,8 +59,9 @@ app = ServerApp()
 
 # How often the ServerApp asks the SuperLink for replies (Flower's own loop waits 3 s).
 POLL_S = 0.5
-# The ClientApp's @app.query("calibrate") handler.
+# The ClientApp's @app.query("calibrate") and @app.query("evaluate_kept") handlers.
 CALIBRATE = "query.calibrate"
+EVALUATE_KEPT = "query.evaluate_kept"
 
 
 # --- messages ----------------------------------------------------------------------------------
@@ -262,11 +265,20 @@ def hospital_round(grid: Grid, strategy: HospitalFedAvg, settings: RunSettings, 
 
 
 def evaluate_global_model(grid: Grid, strategy: HospitalFedAvg, settings: RunSettings, record: dict,
-                          arrays: ArrayRecord, known: dict[int, int]) -> Evaluation:
-    """A saved global model on every hospital's validation split, with its own exchange."""
-    wait_for_nodes(grid, max(settings.min_available_nodes, settings.min_evaluate_nodes), settings.node_wait_timeout)
+                          known: dict[int, int], *, arrays: ArrayRecord | None = None,
+                          statistics: list | None = None) -> Evaluation:
+    """A global model on every hospital's validation split, with its own exchange: a saved one
+    (`arrays`: weights and statistics), or the one whose weights the hospitals kept from the last
+    message (its pooled `statistics` only: the weights need not travel again)."""
+    online = wait_for_nodes(grid, max(settings.min_available_nodes, settings.min_evaluate_nodes),
+                            settings.node_wait_timeout)
     start = time.perf_counter()
-    messages = list(strategy.configure_evaluate(record["round"], arrays, ConfigRecord(), grid))
+    if arrays is not None:
+        messages = list(strategy.configure_evaluate(record["round"], arrays, ConfigRecord(), grid))
+    else:
+        content = RecordDict({"config": ConfigRecord({"previous-round": record["round"]}),
+                              PREVIOUS_STATISTICS: ArrayRecord(statistics)})
+        messages = [Message(content=content, message_type=EVALUATE_KEPT, dst_node_id=node) for node in online]
     record["bytes_down"] += sum(content_bytes(m) for m in messages)
     replies, unanswered = exchange(grid, strategy, messages, settings.round_timeout)
     averaged = strategy.aggregate_evaluate(record["round"], replies)
@@ -482,22 +494,30 @@ def main(grid: Grid, context: Context) -> None:
             previous = (server_round - 1, pooled or [])
             arrays, pending = new_arrays, record
             record.wall_time_s = time.perf_counter() - start
+        # The last round's figures are logged with its evaluation (its wall time includes it).
+        last_unevaluated = pending is not None or (bool(state["rounds"]) and not _has_val(state["rounds"][-1])
+                                                    and state["rounds"][-1]["round"] == settings.rounds)
         if pending is not None:
-            # Nothing comes after the last round to calibrate its average: ask for it.
+            # Nothing comes after the last round to calibrate its average: ask for it, then evaluate
+            # it with the weights the hospitals kept from that message.
             start = time.perf_counter()
             _, pooled, evaluation = hospital_round(grid, strategy, settings, pending, arrays, previous, known,
                                                    train=False)
             pending.wall_time_s += time.perf_counter() - start
             global_models.evaluated(evaluation)
             global_models.finish_model(pending, arrays, pooled, settings.rounds)
-        # The last global model, and any whose evaluation a resume lost: an evaluate message each.
+            if pooled is not None:
+                global_models.evaluated(evaluate_global_model(grid, strategy, settings, state["rounds"][-1], known,
+                                                              statistics=pooled))
+        # Any global model still without val_* (one whose evaluation a resume lost, or the last if
+        # no hospital kept its weights): an evaluate message with its saved model.
         for record in state["rounds"]:
-            if not any(k.startswith("val_") for k in record["metrics"]):
+            if not _has_val(record):
                 saved = tf.keras.models.load_model(checkpoints.model_path(record["round"]), compile=False)
-                global_models.evaluated(evaluate_global_model(grid, strategy, settings, record,
-                                                                  ArrayRecord(saved.get_weights()), known))
-                if record["round"] == settings.rounds:
-                    tracking.log(RoundRecord(**record).round_metrics(), record["round"])
+                global_models.evaluated(evaluate_global_model(grid, strategy, settings, record, known,
+                                                              arrays=ArrayRecord(saved.get_weights())))
+        if last_unevaluated:
+            tracking.log(RoundRecord(**state["rounds"][-1]).round_metrics(), settings.rounds)
         checkpoints.save_state(state)
         _log_round(settings, state)
     except BaseException:
@@ -520,6 +540,10 @@ def main(grid: Grid, context: Context) -> None:
     _atomic_write_text(histories_path, json.dumps(histories, indent=2))
     tracking.finish()
     log(INFO, "[%s] global model saved to %s", settings.role, path)
+
+
+def _has_val(record: dict) -> bool:
+    return any(k.startswith("val_") for k in record["metrics"])
 
 
 def _log_round(settings: RunSettings, state: dict) -> None:

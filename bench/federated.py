@@ -96,8 +96,13 @@ def overhead_report(card: dict) -> str:
         slowest = max((h.get("train_time_s", 0.0) for h in record["hospitals"].values()), default=0.0)
         share = (record["wall_time_s"] - slowest) / record["wall_time_s"]
         shares.append(share)
+        # Of the overhead, the most any hospital spent calibrating and evaluating (the rest is
+        # moving weights, polling, averaging and saving).
+        spent = {name: max((h.get(f"{name}_time_s", 0.0) for h in record["hospitals"].values()), default=0.0)
+                 for name in ("calibration", "evaluation")}
         rows.append(f"    round {record['round']:2d}: wall {record['wall_time_s']:7.1f} s, slowest hospital "
-                    f"trained {slowest:7.1f} s, overhead {share:6.1%}, global model {_val(record)}, "
+                    f"trained {slowest:7.1f} s, overhead {share:6.1%} (calibration {spent['calibration']:.1f} s, "
+                    f"evaluation {spent['evaluation']:.1f} s), global model {_val(record)}, "
                     f"up {record['bytes_up'] / 1e6:.1f} MB / down {record['bytes_down'] / 1e6:.1f} MB")
     return "\n".join(rows) + (f"\n    overhead per round: median {statistics.median(shares):.1%}, "
                               f"max {max(shares):.1%} (target 10%)")

@@ -183,6 +183,9 @@ def test_two_rounds_three_hospitals_tls_auth_tracked_and_cleaned_up(tmp_path, ti
         assert record["bytes_up"] > 0 and record["bytes_down"] > 0
         assert record["wall_time_s"] >= record["train_phase_s"] + record["calibration_phase_s"]
         assert record["train_phase_s"] >= max(h["train_time_s"] for h in record["hospitals"].values()) > 0
+    # Round 1's message has no earlier model to evaluate; round 2's and the final ones do.
+    assert [all(h.get("evaluation_time_s", 0) > 0 for h in r["hospitals"].values()) for r in card["round_records"]] \
+        == [False, True]
 
     # The global model's BatchNormalization statistics are the hospitals' pooled ones, measured
     # under its own weights (not FedAvg's average of each hospital's moving statistics).

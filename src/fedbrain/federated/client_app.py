@@ -21,6 +21,8 @@ which keeps the run's compiled model from one message to the next.
 
 from __future__ import annotations
 
+import time
+
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
@@ -74,11 +76,13 @@ def _evaluate_previous(model, msg: Message, context: Context, settings: RunSetti
     seen = context.state.config_records.get(RECEIVED_ROUND)
     if seen is None or int(seen["round"]) != int(config["previous-round"]):
         return {}
+    start = time.perf_counter()
     model.set_weights(context.state.array_records[RECEIVED].to_numpy_ndarrays())
     set_batch_norm_statistics(model, msg.content[PREVIOUS_STATISTICS].to_numpy_ndarrays())
     results, examples = evaluate_locally(model, settings, hospital)
     # Named as the centralized run's validation metrics (val_loss, val_accuracy | val_dice).
-    return {**{f"val_{key}": float(value) for key, value in results.items()}, VAL_WEIGHT_KEY: examples}
+    return {**{f"val_{key}": float(value) for key, value in results.items()}, VAL_WEIGHT_KEY: examples,
+            "evaluation-time-s": time.perf_counter() - start}
 
 
 def _round(msg: Message, context: Context, train: bool) -> Message:
@@ -143,10 +147,12 @@ def evaluate(msg: Message, context: Context) -> Message:
     """The global model as sent (statistics included) on this hospital's validation split."""
     settings = RunSettings.from_run_config(context.run_config)
     hospital = _hospital(context)
+    start = time.perf_counter()
     model = _model(settings, context.run_id)
     model.set_weights(msg.content["arrays"].to_numpy_ndarrays())
     results, examples = evaluate_locally(model, settings, hospital)
     # The server averages them weighted by examples into the global validation score.
     metrics = {f"val_{key}": float(value) for key, value in results.items()}
-    metrics.update({WEIGHT_KEY: examples, VAL_WEIGHT_KEY: examples, "hospital": hospital})
+    metrics.update({WEIGHT_KEY: examples, VAL_WEIGHT_KEY: examples, "hospital": hospital,
+                    "evaluation-time-s": time.perf_counter() - start})
     return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)

@@ -58,7 +58,7 @@ from fedbrain.federated.task import (PREVIOUS_STATISTICS, VAL_WEIGHT_KEY, WEIGHT
 app = ServerApp()
 
 # How often the ServerApp asks the SuperLink for replies (Flower's own loop waits 3 s).
-POLL_S = 0.5
+POLL_S = 0.2
 # The ClientApp's @app.query("calibrate") and @app.query("evaluate_kept") handlers.
 CALIBRATE = "query.calibrate"
 EVALUATE_KEPT = "query.evaluate_kept"
@@ -184,6 +184,14 @@ def _failures(strategy: HospitalFedAvg, unanswered: list[Message], known: dict[i
     return failures
 
 
+def _add_times(hospital: dict, report: dict) -> None:
+    """Add a reply's calibration and evaluation seconds to the hospital's figures for the round."""
+    for name in ("calibration", "evaluation"):
+        if f"{name}-time-s" in report:
+            key = f"{name}_time_s"
+            hospital[key] = hospital.get(key, 0.0) + float(report[f"{name}-time-s"])
+
+
 def _metric_values(report: dict, prefixes: tuple[str, ...]) -> dict[str, float]:
     return {name: float(v) for name, v in report.items() if name.startswith(prefixes)}
 
@@ -237,9 +245,8 @@ def hospital_round(grid: Grid, strategy: HospitalFedAvg, settings: RunSettings, 
     evaluation = Evaluation(previous[0]) if previous is not None else None
     for k, report in _reports_by_hospital(strategy, known).items():
         hospital = record.hospitals.setdefault(k, {})
-        # The last round calibrates twice (its train message, then the final calibration).
-        hospital["calibration_time_s"] = hospital.get("calibration_time_s", 0.0) + float(
-            report.get("calibration-time-s", 0.0))
+        # Time spent in this round's messages (the last round calibrates and evaluates more than once).
+        _add_times(hospital, report)
         if train:
             hospital.update({"examples": int(report.get(WEIGHT_KEY, 0)),
                              "train_time_s": float(report.get("train-time-s", 0.0)),
@@ -288,6 +295,7 @@ def evaluate_global_model(grid: Grid, strategy: HospitalFedAvg, settings: RunSet
     for k, report in _reports_by_hospital(strategy, known).items():
         evaluation.hospitals[k] = {"val_examples": int(report.get(VAL_WEIGHT_KEY, 0)),
                                    **_metric_values(report, ("val_",))}
+        _add_times(record["hospitals"].setdefault(k, {}), report)
     seconds = time.perf_counter() - start
     record["evaluate_phase_s"] += seconds
     record["wall_time_s"] += seconds

@@ -32,7 +32,7 @@ PREVIOUS_STATISTICS = "previous-statistics"
 # BatchNormalization statistics are pooled weighted by the training images they stand for.
 CALIBRATION_WEIGHT_KEY = "calibration-images"
 META_KEYS = (WEIGHT_KEY, VAL_WEIGHT_KEY, CALIBRATION_WEIGHT_KEY, "hospital", "train-time-s", "epochs-run",
-             "calibration-time-s")
+             "calibration-time-s", "evaluation-time-s")
 
 
 @dataclass(frozen=True)

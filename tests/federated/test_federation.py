@@ -254,25 +254,33 @@ def test_unregistered_supernode_is_refused_and_one_without_the_ca_cannot_connect
     assert federation_processes(tmp_path) == []
 
 
-def test_crashed_supernode_does_not_stop_the_run_and_a_late_one_joins(tmp_path, tiny_model):
-    """Kill one of 3 SuperNodes while it trains in round 2 of 4; start a 4th during round 2."""
+@pytest.mark.parametrize("crash", ["supernode", "clientapp"])
+def test_crashed_supernode_does_not_stop_the_run_and_a_late_one_joins(tmp_path, tiny_model, crash):
+    """Kill one of 3 SuperNodes while it trains in round 2 of 4 (or only its ClientApp process:
+    the launcher then stops its SuperNode); start a 4th during round 2."""
     processed, partition = make_federated_data(tmp_path / "data", hospitals=4)
     out = tmp_path / "models" / "federated" / "fedavg"
     params = launcher.tracking_params(tiny_params(tmp_path, rounds=4, model=TINY_PLAIN))
     settings, roles, _ = launcher.prepare(params, processed, partition, out, resume=False)
     config = launcher.run_config(settings, params, "classifier", processed, partition, out, resume=False,
                                  secure=True)
-    with Federation(tmp_path / "run", ensure_pki(tmp_path / "pki"), echo=lambda line: None) as federation:
+    lines = []
+    with Federation(tmp_path / "run", ensure_pki(tmp_path / "pki"), echo=lines.append) as federation:
         federation.start_superlink()
         federation.start_supernodes([0, 1, 2])
         handle = federation.submit(config)
         crashing = federation.supernodes["hospital_1"]
         wait_until(lambda: crashing.log_path.read_text().count("Received: train message") >= 2, timeout=240,
                    what="hospital 1 to receive its round-2 update request")
-        federation.kill_supernode("hospital_1")   # SIGKILL: a crash, no goodbye to the SuperLink
+        if crash == "supernode":
+            federation.kill_supernode("hospital_1")   # SIGKILL: a crash, no goodbye to the SuperLink
+        else:
+            federation.clientapps["hospital_1"].proc.kill()
         federation.start_supernode(3)             # registers its key and joins mid-run
         status = handle.wait()
     assert status == "finished:completed"
+    stopped = [line for line in lines if "hospital_1's ClientApp process exited" in line]
+    assert len(stopped) == (crash == "clientapp"), lines
     assert federation_processes(tmp_path) == []
 
     card = json.loads((out / "classifier.json").read_text())

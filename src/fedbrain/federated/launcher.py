@@ -395,6 +395,18 @@ class Federation:
         """Stop one SuperNode and its ClientApp process (SIGKILL: a crash, no goodbye to the SuperLink)."""
         stop_process_groups([self.supernodes[name].proc, self.clientapps[name].proc], sig=sig, grace=STOP_GRACE_S)
 
+    def stop_hospitals_without_clientapp(self) -> None:
+        """Stop the SuperNode of a hospital whose ClientApp process has exited (an import error, out
+        of memory): the SuperNode would keep taking messages nobody answers and the round would wait
+        for round-timeout. Stopped, it misses its heartbeats, the SuperLink reports the hospital as
+        failed (as for a crash) and the run goes on with the others."""
+        for name, clientapp in self.clientapps.items():
+            supernode = self.supernodes[name]
+            if clientapp.proc.poll() is not None and supernode.proc.poll() is None:
+                self.echo(f"federation: {name}'s ClientApp process exited with code {clientapp.proc.returncode} "
+                          f"(see {clientapp.log_path}); stopping its SuperNode, the run goes on without it")
+                self.kill_supernode(name)
+
     # --- runs ----------------------------------------------------------------------------------
     def submit(self, run_config: dict, on_line: Callable[[str], None] | None = None) -> RunHandle:
         """Start a run of the app with these run-config overrides; its log streams to `on_line`."""
@@ -474,6 +486,7 @@ class RunHandle:
         # join() with a timeout, so a signal (Ctrl-C, SIGTERM) reaches the main thread promptly.
         while self._thread.is_alive():
             self._thread.join(timeout=0.5)
+            self.federation.stop_hospitals_without_clientapp()
         status = self.federation.run_status(self.run_id)
         while not status.startswith("finished"):  # the stream broke off: ask until it ends
             time.sleep(poll)

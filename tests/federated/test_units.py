@@ -189,3 +189,24 @@ def test_a_hospital_reuses_its_model_with_a_freshly_reset_optimizer(tmp_path):
     other = client_app._model(settings, run_id=8)
     assert other is not model
     assert tf.keras.backend.get_value(other.optimizer.learning_rate) == pytest.approx(settings.learning_rate)
+
+
+def test_supernode_sends_a_reply_once_its_objects_are_registered():
+    """Flower 1.23 stores a reply before registering its objects; sending waits for them."""
+    import threading
+
+    from flwr.app import ArrayRecord, Message, RecordDict
+    from flwr.common.inflatable import get_object_tree
+    from flwr.supercore.object_store import NoObjectInStoreError, ObjectStoreFactory
+
+    from fedbrain.federated import supernode
+
+    store = ObjectStoreFactory().store()  # what the SuperNode uses
+    reply = Message(RecordDict({"arrays": ArrayRecord([])}), dst_node_id=1, message_type="train")
+    tree = get_object_tree(reply)
+    late = threading.Timer(0.5, store.preregister, args=(0, tree))  # the servicer, a moment later
+    late.start()
+    assert supernode._RegisteredTrees(store, timeout=10).get_object_tree(reply.object_id) == tree
+    late.join()
+    with pytest.raises(NoObjectInStoreError):  # never registered: fails after its timeout
+        supernode._RegisteredTrees(store, timeout=0.3).get_object_tree("0" * 64)

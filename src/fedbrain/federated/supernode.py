@@ -12,6 +12,13 @@ This runs Flower's own SuperNode command unchanged (same arguments, TLS, authent
 heartbeats) with those sleeps capped at WAIT_S. An idle SuperNode then asks the SuperLink
 1/WAIT_S times a second instead of once every 3 s: negligible for a consortium's handful of
 hospitals. Only the wait between its requests changes, not what it sends.
+
+It also closes a race in Flower 1.23 that the shorter wait made frequent: the ClientAppIo API
+stores a ClientApp's reply in the node state before it registers the reply's objects
+(``PushMessage``), and the loop that sends replies then asks for the reply's object tree, which
+is not there yet: NoObjectInStoreError, and the SuperNode exits (seen under load on the 2-core
+machine: two hospitals lost in one round). Here the sending loop waits for the tree instead.
+Later Flower versions store the message and register its objects in one step.
 """
 
 from __future__ import annotations
@@ -33,15 +40,44 @@ class _ShortWaits(types.ModuleType):
         time.sleep(min(seconds, WAIT_S))
 
 
+class _RegisteredTrees:
+    """The SuperNode's object store, whose `get_object_tree` waits up to `timeout` seconds for a
+    reply's objects to be registered (see the module docstring) instead of failing at once."""
+
+    def __init__(self, store, timeout: float = 30.0):
+        self._store, self._timeout = store, timeout
+
+    def __getattr__(self, name: str):
+        return getattr(self._store, name)
+
+    def get_object_tree(self, object_id: str):
+        from flwr.supercore.object_store import NoObjectInStoreError
+
+        deadline = time.monotonic() + self._timeout
+        while True:
+            try:
+                return self._store.get_object_tree(object_id)
+            except NoObjectInStoreError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(WAIT_S)
+
+
 def main() -> None:
     from flwr.supernode import start_client_internal as loop
     from flwr.supernode.cli import flower_supernode
 
-    if getattr(loop, "time", None) is not time:
+    if getattr(loop, "time", None) is not time or not callable(getattr(loop, "_push_messages", None)):
         # Another Flower than the pinned 1.23 may poll differently: stop rather than patch blindly.
-        raise RuntimeError("flwr.supernode.start_client_internal no longer imports `time`: "
+        raise RuntimeError("flwr.supernode.start_client_internal no longer has `time` and `_push_messages`: "
                            "check fedbrain.federated.supernode against this Flower version")
     loop.time = _ShortWaits("time")
+    push_messages = loop._push_messages
+
+    def push_registered_replies(**kwargs) -> None:
+        push_messages(**{**kwargs, "object_store": _RegisteredTrees(kwargs["object_store"])})
+
+    loop._push_messages = push_registered_replies
     flower_supernode()  # reads sys.argv as `flower-supernode` does
 
 

@@ -360,7 +360,7 @@ class Federation:
         appio = f"{LOOPBACK}:{free_port()}"
         # --isolation process: the ClientApp runs in this hospital's clientapp_runtime process
         # (started below, TensorFlow imported once), not in a new process per message.
-        # fedbrain.federated.supernode: `flower-supernode` with shorter waits between its polls.
+        # fedbrain.federated.supernode: `flower-supernode` with shorter polls and a reply race closed.
         cmd = [sys.executable, "-m", "fedbrain.federated.supernode", "--superlink", self.fleet_address,
                "--isolation", "process",
                "--clientappio-api-address", appio,

@@ -169,8 +169,8 @@ def test_supernode_waits_are_capped_and_flower_still_polls_with_time(monkeypatch
     assert waits.monotonic is time.monotonic
 
 
-def test_a_hospital_reuses_its_model_with_a_freshly_reset_optimizer(tmp_path):
-    """Each message trains from the global weights with Adam as newly compiled, as a new model would."""
+def test_a_hospital_keeps_its_model_and_optimizer_state_between_rounds(tmp_path):
+    """The run's model is built once per hospital process; Adam's state carries over, the rate is the round's."""
     import numpy as np
     import tensorflow as tf
 
@@ -180,14 +180,16 @@ def test_a_hospital_reuses_its_model_with_a_freshly_reset_optimizer(tmp_path):
     settings = _run_settings(tmp_path)
     model = client_app._model(settings, run_id=7, learning_rate=0.01)
     train_locally(model, settings, hospital=0, server_round=1)
-    assert any(np.any(v.numpy()) for v in model.optimizer.variables)  # steps taken, moments moved
+    moved = [v.numpy().copy() for v in model.optimizer.variables]
+    assert any(np.any(v) for v in moved)  # steps taken, moments moved
     again = client_app._model(settings, run_id=7, learning_rate=0.005)
     assert again is model
-    assert len(model.optimizer.variables) > 1 and not any(np.any(v.numpy()) for v in model.optimizer.variables)
+    assert all(np.array_equal(v.numpy(), m) for v, m in zip(model.optimizer.variables, moved))
     assert tf.keras.backend.get_value(model.optimizer.learning_rate) == pytest.approx(0.005)
-    # Another run gets its own model at train.<role>'s rate.
+    # Another run gets its own model, optimizer fresh, at train.<role>'s rate.
     other = client_app._model(settings, run_id=8)
     assert other is not model
+    assert not any(np.any(v.numpy()) for v in other.optimizer.variables)
     assert tf.keras.backend.get_value(other.optimizer.learning_rate) == pytest.approx(settings.learning_rate)
 
 

@@ -16,7 +16,7 @@ One message per round does three things, so that a round costs one exchange with
      ``query.calibrate`` message that does 1 and 2).
 Only the last global model needs an evaluation message of its own (``query.evaluate_kept``).
 Every message runs in the hospital's one long-lived ClientApp process (see clientapp_runtime.py),
-which keeps the run's compiled model from one message to the next.
+which keeps the run's compiled model (and its optimizer state) from one message to the next.
 """
 
 from __future__ import annotations
@@ -43,9 +43,14 @@ _MODELS: dict[int, object] = {}
 
 
 def _model(settings: RunSettings, run_id: int, learning_rate: float | None = None):
-    """This run's model, its optimizer as freshly compiled: Adam's moments and step count zero
-    (each round's local training starts anew from the global weights, as a new model would) and
-    its learning rate `learning_rate` (train.<role>'s by default). Weights are the caller's to set."""
+    """This run's model with its learning rate set to `learning_rate` (train.<role>'s by default).
+    Weights are the caller's to set.
+
+    Adam's moments and step count carry over from this hospital's previous round: they never
+    leave the hospital. Zeroing them each round restarted Adam's bias correction every round
+    (its first steps jump by the full rate in every direction) and cost the federated U-Net
+    0.01 test Dice at 10 rounds x 5 epochs (0.773 with, 0.782 without; README). A hospital that joins or
+    restarts starts with a fresh optimizer."""
     import tensorflow as tf
 
     model = _MODELS.get(run_id)
@@ -53,8 +58,6 @@ def _model(settings: RunSettings, run_id: int, learning_rate: float | None = Non
         _MODELS.clear()  # one run at a time: drop an earlier run's model
         tf.keras.backend.clear_session()
         model = _MODELS[run_id] = build(settings)
-    for variable in model.optimizer.variables:
-        variable.assign(tf.zeros_like(variable))
     tf.keras.backend.set_value(model.optimizer.learning_rate, learning_rate or settings.learning_rate)
     return model
 

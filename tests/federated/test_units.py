@@ -156,17 +156,45 @@ def test_supernode_waits_are_capped_and_flower_still_polls_with_time(monkeypatch
 
     from flwr.supernode import start_client_internal as loop
 
-    from fedbrain.federated import supernode
+    from fedbrain.federated import waits
 
     # The pinned Flower's loop sleeps through the module-level `time` the wrapper replaces.
     assert loop.time is time
     slept = []
     monkeypatch.setattr(time, "sleep", slept.append)
-    waits = supernode._ShortWaits("time")
-    waits.sleep(3)     # the idle wait between polls
-    waits.sleep(0.05)  # shorter waits stay as they are
-    assert slept == [supernode.WAIT_S, 0.05]
-    assert waits.monotonic is time.monotonic
+    short = waits._ShortWaits("time")
+    short.sleep(3)     # the idle wait between polls
+    short.sleep(0.05)  # shorter waits stay as they are
+    assert slept == [waits.WAIT_S, 0.05]
+    assert short.monotonic is time.monotonic
+
+
+def test_an_object_not_stored_yet_is_pulled_again_within_the_short_backoff(monkeypatch):
+    """Flower backs off 1 s (+-20%) before pulling an object again; with waits.shorten_object_pulls
+    the next try comes after FIRST_RETRY_S and the pull still succeeds."""
+    import time
+
+    from flwr.common import inflatable_utils
+    from flwr.common.inflatable_utils import ObjectUnavailableError
+
+    from fedbrain.federated import waits
+
+    for function in (inflatable_utils.pull_objects, inflatable_utils.pull_and_inflate_object_from_tree):
+        monkeypatch.setattr(function, "__kwdefaults__", dict(function.__kwdefaults__))  # restored afterwards
+    waits.shorten_object_pulls()
+    tries = []
+
+    def pull(object_id: str) -> bytes:
+        tries.append(time.monotonic())
+        if len(tries) < 3:
+            raise ObjectUnavailableError(object_id)
+        return b"weights"
+
+    assert inflatable_utils.pull_objects(["a" * 64], pull) == {"a" * 64: b"weights"}
+    gaps = [later - earlier for earlier, later in zip(tries, tries[1:])]
+    assert len(gaps) == 2 and max(gaps) < 0.8  # Flower's own first retry comes after >= 0.8 s
+    assert inflatable_utils.pull_objects.__kwdefaults__["backoff_cap"] == waits.WAIT_S
+    assert inflatable_utils.pull_and_inflate_object_from_tree.__kwdefaults__["initial_backoff"] == waits.FIRST_RETRY_S
 
 
 def test_a_hospital_keeps_its_model_and_optimizer_state_between_rounds(tmp_path):

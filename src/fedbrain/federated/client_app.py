@@ -8,7 +8,7 @@ hospital: its number, its examples, its training and calibration time.
 One message per round does three things, so that a round costs one exchange with the server
 (each exchange waits on Flower's polling; see server_app.py):
   1. evaluate the previous global model on the hospital's validation split: the weights this
-     hospital received with the previous message (kept in the run's Context.state) with the
+     hospital received with the previous message (kept in this process, see _RECEIVED) with the
      BatchNormalization statistics the server pooled for them, which arrive now;
   2. measure the BatchNormalization statistics of the received weights on its training data,
      which the server pools into that global model;
@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import time
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedbrain.federated.task import (CALIBRATION_WEIGHT_KEY, PREVIOUS_STATISTICS, STATISTICS, VAL_WEIGHT_KEY,
@@ -32,14 +32,15 @@ from fedbrain.federated.task import (CALIBRATION_WEIGHT_KEY, PREVIOUS_STATISTICS
 
 app = ClientApp()
 
-# Context.state: the weights received with the last message, and the round whose global model they are.
-RECEIVED = "received-weights"
-RECEIVED_ROUND = "received-round"
-
-
 # The run's compiled model, built at this process's first message and reused by every later one:
 # building it and tracing its Keras functions again cost ~1 s of every message (cnn, 2 cores).
 _MODELS: dict[int, object] = {}
+# The weights received with the run's last message and whose global model they are:
+# {run_id: (weights round, weights)}. Kept here beside the model rather than in Context.state,
+# which travels between the SuperNode and this process with every message (11 MB each way
+# for the cnn, ~0.5 s of serialising a message on 2 cores). Both live as long as the process,
+# which the launcher starts and stops with the hospital's SuperNode.
+_RECEIVED: dict[int, tuple[int, list]] = {}
 
 
 def _model(settings: RunSettings, run_id: int, learning_rate: float | None = None):
@@ -55,7 +56,8 @@ def _model(settings: RunSettings, run_id: int, learning_rate: float | None = Non
 
     model = _MODELS.get(run_id)
     if model is None:
-        _MODELS.clear()  # one run at a time: drop an earlier run's model
+        _MODELS.clear()  # one run at a time: drop an earlier run's model and weights
+        _RECEIVED.clear()
         tf.keras.backend.clear_session()
         model = _MODELS[run_id] = build(settings)
     tf.keras.backend.set_value(model.optimizer.learning_rate, learning_rate or settings.learning_rate)
@@ -76,11 +78,11 @@ def _evaluate_previous(model, msg: Message, context: Context, settings: RunSetti
     config = msg.content["config"]
     if PREVIOUS_STATISTICS not in msg.content.array_records or "previous-round" not in config:
         return {}
-    seen = context.state.config_records.get(RECEIVED_ROUND)
-    if seen is None or int(seen["round"]) != int(config["previous-round"]):
+    seen, weights = _RECEIVED.get(context.run_id, (None, None))
+    if seen != int(config["previous-round"]):
         return {}
     start = time.perf_counter()
-    model.set_weights(context.state.array_records[RECEIVED].to_numpy_ndarrays())
+    model.set_weights(weights)
     set_batch_norm_statistics(model, msg.content[PREVIOUS_STATISTICS].to_numpy_ndarrays())
     results, examples = evaluate_locally(model, settings, hospital)
     # Named as the centralized run's validation metrics (val_loss, val_accuracy | val_dice).
@@ -97,8 +99,8 @@ def _round(msg: Message, context: Context, train: bool) -> Message:
     model = _model(settings, context.run_id, settings.learning_rate * float(config.get("lr-scale", 1.0)))
     metrics = {"hospital": hospital, **_evaluate_previous(model, msg, context, settings, hospital)}
 
-    received = msg.content["arrays"]
-    model.set_weights(received.to_numpy_ndarrays())
+    received = msg.content["arrays"].to_numpy_ndarrays()
+    model.set_weights(received)
     stats, images, seconds = batch_norm_statistics(model, settings, hospital)
     metrics.update({CALIBRATION_WEIGHT_KEY: images, "calibration-time-s": seconds})
     content = RecordDict({STATISTICS: ArrayRecord(stats)})
@@ -116,8 +118,7 @@ def _round(msg: Message, context: Context, train: bool) -> Message:
         metrics.update({WEIGHT_KEY: examples, "train-time-s": seconds, "epochs-run": len(history.get("loss", []))})
         content["arrays"] = ArrayRecord(model.get_weights())
     content["metrics"] = MetricRecord(metrics)
-    context.state[RECEIVED] = received
-    context.state[RECEIVED_ROUND] = ConfigRecord({"round": int(config["weights-round"])})
+    _RECEIVED[context.run_id] = (int(config["weights-round"]), received)
     return Message(content=content, reply_to=msg)
 
 

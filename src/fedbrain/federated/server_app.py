@@ -444,8 +444,10 @@ def main(grid: Grid, context: Context) -> None:
     import tensorflow as tf
 
     from fedbrain.dataset import load_classes
+    from fedbrain.federated.waits import shorten_object_pulls
     from fedbrain.train import save_model
 
+    shorten_object_pulls()  # this process (flwr-serverapp) runs only this app: replies are pulled sooner
     settings = RunSettings.from_run_config(context.run_config)
     checkpoints = Checkpoints(settings.out, settings.role)
     tf.keras.utils.set_random_seed(settings.seed)

@@ -1,4 +1,4 @@
-"""Flower's ``flower-supernode``, waiting at most WAIT_S between its requests for work.
+"""Flower's ``flower-supernode``, waiting at most WAIT_S between its requests for work (waits.py).
 
     python -m fedbrain.federated.supernode <flower-supernode's own arguments>
 
@@ -9,9 +9,10 @@ round waits for the last of the hospitals: on the 2-core bench that was ~2.5 s o
 and the last round has three exchanges (bench/federated.py). Neither wait is configurable.
 
 This runs Flower's own SuperNode command unchanged (same arguments, TLS, authentication,
-heartbeats) with those sleeps capped at WAIT_S. An idle SuperNode then asks the SuperLink
-1/WAIT_S times a second instead of once every 3 s: negligible for a consortium's handful of
-hospitals. Only the wait between its requests changes, not what it sends.
+heartbeats) with those sleeps capped at WAIT_S and the shorter backoff of
+waits.shorten_object_pulls. An idle SuperNode then asks the SuperLink 1/WAIT_S times a second
+instead of once every 3 s: negligible for a consortium's handful of hospitals. Only the waits
+between its requests change, not what it sends.
 
 It also closes a race in Flower 1.23 that the shorter wait made frequent: the ClientAppIo API
 stores a ClientApp's reply in the node state before it registers the reply's objects
@@ -24,20 +25,8 @@ Later Flower versions store the message and register its objects in one step.
 from __future__ import annotations
 
 import time
-import types
 
-WAIT_S = 0.2
-
-
-class _ShortWaits(types.ModuleType):
-    """The `time` module as the SuperNode loop sees it: everything as usual but shorter sleeps."""
-
-    def __getattr__(self, name: str):
-        return getattr(time, name)
-
-    @staticmethod
-    def sleep(seconds: float) -> None:
-        time.sleep(min(seconds, WAIT_S))
+from fedbrain.federated.waits import WAIT_S, _ShortWaits, shorten_object_pulls
 
 
 class _RegisteredTrees:
@@ -72,6 +61,7 @@ def main() -> None:
         raise RuntimeError("flwr.supernode.start_client_internal no longer has `time` and `_push_messages`: "
                            "check fedbrain.federated.supernode against this Flower version")
     loop.time = _ShortWaits("time")
+    shorten_object_pulls()
     push_messages = loop._push_messages
 
     def push_registered_replies(**kwargs) -> None:

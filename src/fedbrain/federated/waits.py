@@ -1,0 +1,56 @@
+"""Shorter waits inside Flower 1.23's processes, none of which Flower lets us configure.
+
+Every Flower exchange moves a message and then its objects (the weights), and each process that
+receives one polls or backs off while it waits. Two waits dominated our rounds on the 2-core
+bench (bench/federated.py), so each is capped at WAIT_S here:
+
+- The SuperNode loop sleeps a fixed 3 s when the SuperLink has no message for it and 0.5 s
+  between checks for its ClientApp's reply (`_ShortWaits`, installed by supernode.py).
+- Pulling a message's objects backs off 1 s, then 2, 4 ... s, whenever an object is registered
+  but not yet stored (`shorten_object_pulls`). That is the usual case, not a failure: the
+  SuperNode stores a message for its ClientApp before it has pulled the message's objects from
+  the SuperLink, and the SuperLink hands out a message as soon as it is pushed, before its
+  objects. Profiled in the ClientApp process, a reply of 3 KB waited 1.08 s in that backoff.
+  Installed in every process that pulls: the ServerApp, each SuperNode and each ClientApp runtime.
+
+Only how long a process waits between tries changes; what is sent, and the total time a pull
+may take before it fails (Flower's PULL_MAX_TIME, 2 hours), stay as they are.
+"""
+
+from __future__ import annotations
+
+import time
+import types
+
+WAIT_S = 0.2
+FIRST_RETRY_S = 0.05
+
+
+class _ShortWaits(types.ModuleType):
+    """The `time` module as the SuperNode loop sees it: everything as usual but shorter sleeps."""
+
+    def __getattr__(self, name: str):
+        return getattr(time, name)
+
+    @staticmethod
+    def sleep(seconds: float) -> None:
+        time.sleep(min(seconds, WAIT_S))
+
+
+def shorten_object_pulls() -> None:
+    """Retry an object that is not there yet after FIRST_RETRY_S, doubling up to WAIT_S (Flower:
+    1 s doubling up to 10 s, 500 tries), with as many tries as Flower's PULL_MAX_TIME allows.
+
+    Sets the keyword defaults of the two pull functions every Flower caller in this process goes
+    through (none of them passes its own backoff); refuses to run against another Flower."""
+    from flwr.common import constant, inflatable_utils
+
+    functions = (inflatable_utils.pull_objects, inflatable_utils.pull_and_inflate_object_from_tree)
+    names = {"initial_backoff", "backoff_cap", "max_tries_per_object"}
+    if not all(names <= set(f.__kwdefaults__ or {}) for f in functions):
+        raise RuntimeError("flwr.common.inflatable_utils' pull functions no longer take initial_backoff, "
+                           "backoff_cap and max_tries_per_object: check fedbrain.federated.waits against "
+                           "this Flower version")
+    for function in functions:
+        function.__kwdefaults__.update(initial_backoff=FIRST_RETRY_S, backoff_cap=WAIT_S,
+                                       max_tries_per_object=int(constant.PULL_MAX_TIME / WAIT_S))

@@ -89,6 +89,18 @@ def test_settings_from_the_project_params_and_readable_errors(tmp_path):
         FederatedSettings.from_params(params)
 
 
+@pytest.mark.parametrize("value, expected", [(128, {"classifier": 128, "segmenter": 128}),
+                                             ({"segmenter": 64}, {"classifier": 256, "segmenter": 64})])
+def test_calibration_images_are_set_per_role(tmp_path, value, expected):
+    params = federated_params(tmp_path)
+    params["federated"]["calibration_images"] = value
+    assert FederatedSettings.from_params(params).calibration_images == expected
+    for wrong, message in (({"detector": 5}, "has 'detector'"), ({"segmenter": -1}, "segmenter' is -1")):
+        params["federated"]["calibration_images"] = wrong
+        with pytest.raises(InputError, match=message):
+            FederatedSettings.from_params(params)
+
+
 def test_local_mlflow_stores_are_made_absolute(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert absolute_uri("sqlite:///mlflow.db") == f"sqlite:///{tmp_path / 'mlflow.db'}"

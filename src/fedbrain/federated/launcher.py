@@ -73,7 +73,8 @@ class FederatedSettings:
     round_timeout: float = 3600.0
     node_wait_timeout: float = 600.0
     state_dir: str = ".fedbrain"
-    calibration_images: int = 256
+    # Per role (an int in params.yaml applies to both).
+    calibration_images: dict = field(default_factory=lambda: {"classifier": 256, "segmenter": 0})
     lr_decay: str = "cosine"
     train: dict = field(default_factory=dict)
 
@@ -98,7 +99,8 @@ class FederatedSettings:
             round_timeout=get(sec, "round_timeout", float, where, default=d.round_timeout),
             node_wait_timeout=get(sec, "node_wait_timeout", float, where, default=d.node_wait_timeout),
             state_dir=get(sec, "state_dir", str, where, default=d.state_dir),
-            calibration_images=get(sec, "calibration_images", int, where, default=d.calibration_images),
+            calibration_images=_per_role(get(sec, "calibration_images", (int, dict), where,
+                                             default=d.calibration_images), d.calibration_images),
             lr_decay=get(sec, "lr_decay", str, where, choices=("cosine", "none"), default=d.lr_decay),
             train=get(sec, "train", dict, where, default={}) or {},
         )
@@ -106,9 +108,13 @@ class FederatedSettings:
         return settings
 
     def check(self) -> None:
-        if self.calibration_images < 0:
-            raise InputError(f"params.yaml: 'federated.calibration_images' is {self.calibration_images}; "
-                             f"use 0 (all) or more")
+        for role, images in self.calibration_images.items():
+            if role not in ROLES:
+                raise InputError(f"params.yaml: 'federated.calibration_images' has {role!r}; "
+                                 f"use {' and '.join(ROLES)}")
+            if not isinstance(images, int) or isinstance(images, bool) or images < 0:
+                raise InputError(f"params.yaml: 'federated.calibration_images.{role}' is {images!r}; "
+                                 f"use 0 (all) or more")
         for key in ("rounds", "local_epochs", "min_train_nodes", "min_available_nodes"):
             if getattr(self, key) < 1:
                 raise InputError(f"params.yaml: 'federated.{key}' is {getattr(self, key)}; use 1 or more")
@@ -519,9 +525,14 @@ def run_config(settings: FederatedSettings, params: dict, role: str, processed: 
         "resume": resume,
         "run-name": f"federated-{out.name}-{role}",
         "secure": secure,
-        "calibration-images": settings.calibration_images,
+        "calibration-images": settings.calibration_images[role],
         "lr-decay": settings.lr_decay,
     }
+
+
+def _per_role(value: int | dict, defaults: dict) -> dict:
+    """{role: value} from one value for every role or a mapping of some (the rest: defaults)."""
+    return {role: value for role in ROLES} if isinstance(value, int) else {**defaults, **value}
 
 
 def _raise_on_sigterm():

@@ -17,8 +17,9 @@ r + 1's train message does three things at each hospital:
   - evaluate round r - 1's global model on its validation split: the weights it received with
     the previous message, kept in the run's Context.state, with the pooled statistics sent now;
   - train.
-After round r + 1's replies the server pools the statistics into round r's global model, saves
-it, and records round r - 1's federated evaluation (averaged weighted by validation examples).
+After round r + 1's replies the server pools the statistics into round r's global model; it saves
+that model and records round r - 1's federated evaluation (averaged weighted by validation
+examples) once round r + 2's message is out, while the hospitals work.
 After the last round R, a `query.calibrate` message measures round R's statistics (and evaluates
 round R - 1's model) and a `query.evaluate_kept` message, carrying only the pooled statistics,
 evaluates round R's with the weights each hospital kept from the calibration message.
@@ -38,10 +39,12 @@ Writes, under `out`:
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from logging import INFO, WARNING
 from pathlib import Path
@@ -66,17 +69,20 @@ EVALUATE_KEPT = "query.evaluate_kept"
 
 # --- messages ----------------------------------------------------------------------------------
 
-def exchange(grid: Grid, strategy: HospitalFedAvg, messages: list[Message], timeout: float
-             ) -> tuple[list[Message], list[Message]]:
-    """Push messages, pull replies until all arrived or `timeout`: (replies, unanswered).
+def exchange(grid: Grid, strategy: HospitalFedAvg, messages: list[Message], timeout: float,
+             while_waiting: Callable[[], None] | None = None) -> tuple[list[Message], list[Message]]:
+    """Push messages, do `while_waiting` (the server's own work, done while the hospitals do
+    theirs), pull replies until all arrived or `timeout`: (replies, unanswered).
 
     Tells the strategy which node each message went to: an error reply the SuperLink writes for
     a node that stopped sending heartbeats does not come from that node.
     """
     messages = list(messages)
+    ids = list(grid.push_messages(messages)) if messages else []
+    if while_waiting is not None:
+        while_waiting()
     if not messages:
         return [], []
-    ids = list(grid.push_messages(messages))
     pending = {mid: msg for mid, msg in zip(ids, messages) if mid is not None}
     strategy.destinations = {mid: msg.metadata.dst_node_id for mid, msg in pending.items()}
     unsent = [msg for mid, msg in zip(ids, messages) if mid is None]
@@ -112,7 +118,7 @@ def wait_for_nodes(grid: Grid, minimum: int, timeout: float) -> list[int]:
 class RoundRecord:
     round: int
     nodes_online: int
-    wall_time_s: float = 0.0       # from the round's start to the next round's (checkpoint included)
+    wall_time_s: float = 0.0       # from the round's start to the next round's
     train_phase_s: float = 0.0
     calibration_phase_s: float = 0.0  # only the last round has a calibration exchange of its own
     evaluate_phase_s: float = 0.0     # only the last round has an evaluation exchange of its own
@@ -213,10 +219,11 @@ def pool_batch_norm_statistics(replies: list[tuple[int, list]]) -> list:
 
 def hospital_round(grid: Grid, strategy: HospitalFedAvg, settings: RunSettings, record: RoundRecord,
                    arrays: ArrayRecord, previous: tuple[int, list] | None, known: dict[int, int],
-                   train: bool) -> tuple[ArrayRecord | None, list | None, Evaluation | None]:
+                   train: bool, while_waiting: Callable[[], None] | None = None
+                   ) -> tuple[ArrayRecord | None, list | None, Evaluation | None]:
     """One exchange with the hospitals (see the module docstring): send `arrays` (the global
     weights before BatchNormalization calibration) and `previous` (round, pooled statistics) of the
-    last global model; returns (the averaged updates, or None without training; the pooled
+    last global model, do `while_waiting` while the hospitals work; returns (the averaged updates, or None without training; the pooled
     statistics of `arrays`, or None if no hospital sent any; the evaluation of `previous`).
     """
     start = time.perf_counter()
@@ -234,7 +241,7 @@ def hospital_round(grid: Grid, strategy: HospitalFedAvg, settings: RunSettings, 
     if previous is not None and messages:
         messages[0].content[PREVIOUS_STATISTICS] = ArrayRecord(previous[1])  # the messages share one content
     record.bytes_down += sum(content_bytes(m) for m in messages)
-    replies, unanswered = exchange(grid, strategy, messages, settings.round_timeout)
+    replies, unanswered = exchange(grid, strategy, messages, settings.round_timeout, while_waiting)
     if train:
         new_arrays, averaged = strategy.aggregate_train(record.round, replies)
     else:
@@ -273,10 +280,12 @@ def hospital_round(grid: Grid, strategy: HospitalFedAvg, settings: RunSettings, 
 
 def evaluate_global_model(grid: Grid, strategy: HospitalFedAvg, settings: RunSettings, record: dict,
                           known: dict[int, int], *, arrays: ArrayRecord | None = None,
-                          statistics: list | None = None) -> Evaluation:
+                          statistics: list | None = None, while_waiting: Callable[[], None] | None = None
+                          ) -> Evaluation:
     """A global model on every hospital's validation split, with its own exchange: a saved one
     (`arrays`: weights and statistics), or the one whose weights the hospitals kept from the last
-    message (its pooled `statistics` only: the weights need not travel again)."""
+    message (its pooled `statistics` only: the weights need not travel again). `while_waiting`:
+    as in `exchange`."""
     online = wait_for_nodes(grid, max(settings.min_available_nodes, settings.min_evaluate_nodes),
                             settings.node_wait_timeout)
     start = time.perf_counter()
@@ -287,7 +296,7 @@ def evaluate_global_model(grid: Grid, strategy: HospitalFedAvg, settings: RunSet
                               PREVIOUS_STATISTICS: ArrayRecord(statistics)})
         messages = [Message(content=content, message_type=EVALUATE_KEPT, dst_node_id=node) for node in online]
     record["bytes_down"] += sum(content_bytes(m) for m in messages)
-    replies, unanswered = exchange(grid, strategy, messages, settings.round_timeout)
+    replies, unanswered = exchange(grid, strategy, messages, settings.round_timeout, while_waiting)
     averaged = strategy.aggregate_evaluate(record["round"], replies)
     record["bytes_up"] += strategy.phase.bytes_up
     record["failures"] += _failures(strategy, unanswered, known, settings, record["round"])
@@ -418,25 +427,36 @@ class GlobalModels:
         if evaluation.round >= 1:
             self.tracking.log(RoundRecord(**self.record_of(evaluation.round)).val_metrics(), evaluation.round)
 
-    def finish_model(self, record: RoundRecord | None, arrays: ArrayRecord, pooled: list | None,
-                     server_round: int) -> None:
-        """The global model of `server_round`: its weights with the pooled statistics, saved with
-        its round's record (None: the initial model, or a resumed round already on record)."""
+    def complete(self, record: RoundRecord | None, arrays: ArrayRecord, pooled: list | None,
+                 server_round: int) -> None:
+        """The global model of `server_round`: its weights with the pooled statistics, and its
+        round's record stored (None: the initial model, or a resumed round already on record)."""
         self.model.set_weights(arrays.to_numpy_ndarrays())
         if pooled is not None:
             set_batch_norm_statistics(self.model, pooled)
         elif batch_norm_layers(self.model):
             log(WARNING, "round %d: no hospital returned BatchNormalization statistics; keeping FedAvg's average",
                 server_round)
-        if server_round == 0:
-            return
-        if record is not None:
+        if record is not None and server_round >= 1:
             self.state["rounds"].append(asdict(record))
+
+    def save(self, server_round: int, log_round: bool) -> None:
+        """Checkpoint the completed global model of `server_round` with the run's state; log its
+        round's figures if `log_round` (the last round's are logged with its evaluation)."""
         self.state["round"] = server_round
         self.checkpoints.save(self.model, server_round, self.state)
-        if record is not None and server_round < self.settings.rounds:  # the last waits for its evaluation
-            self.tracking.log(record.round_metrics(), server_round)
+        if log_round and server_round < self.settings.rounds:
+            self.tracking.log(RoundRecord(**self.record_of(server_round)).round_metrics(), server_round)
             _log_round(self.settings, self.state)
+
+    def finish(self, evaluation: Evaluation | None, record: RoundRecord | None, arrays: ArrayRecord,
+               pooled: list | None, server_round: int) -> None:
+        """What an exchange's replies complete: the evaluation of one global model and the next
+        global model, checkpointed (see `complete`). Runs while the next exchange is out."""
+        self.evaluated(evaluation)
+        self.complete(record, arrays, pooled, server_round)
+        if server_round >= 1:
+            self.save(server_round, log_round=record is not None)
 
 
 @app.main()
@@ -488,6 +508,9 @@ def main(grid: Grid, context: Context) -> None:
     arrays = ArrayRecord(model.get_weights())
     previous: tuple[int, list] | None = None
     pending: RoundRecord | None = None  # the round whose average awaits its statistics
+    # The last exchange's records and checkpoint, done while the next exchange is out: the
+    # hospitals need not wait for the server's bookkeeping.
+    finish: Callable[[], None] | None = None
     try:
         for server_round in range(first, settings.rounds + 1):
             log(INFO, "[%s] round %d/%d", settings.role, server_round, settings.rounds)
@@ -497,10 +520,9 @@ def main(grid: Grid, context: Context) -> None:
                                     settings.node_wait_timeout)
             record = RoundRecord(round=server_round, nodes_online=len(online))
             new_arrays, pooled, evaluation = hospital_round(grid, strategy, settings, record, arrays, previous,
-                                                            known, train=True)
+                                                            known, train=True, while_waiting=finish)
             state["node_hospital"] = {str(n): k for n, k in known.items()}
-            global_models.evaluated(evaluation)
-            global_models.finish_model(pending, arrays, pooled, server_round - 1)
+            finish = functools.partial(global_models.finish, evaluation, pending, arrays, pooled, server_round - 1)
             previous = (server_round - 1, pooled or [])
             arrays, pending = new_arrays, record
             record.wall_time_s = time.perf_counter() - start
@@ -512,13 +534,16 @@ def main(grid: Grid, context: Context) -> None:
             # it with the weights the hospitals kept from that message.
             start = time.perf_counter()
             _, pooled, evaluation = hospital_round(grid, strategy, settings, pending, arrays, previous, known,
-                                                   train=False)
+                                                   train=False, while_waiting=finish)
             pending.wall_time_s += time.perf_counter() - start
             global_models.evaluated(evaluation)
-            global_models.finish_model(pending, arrays, pooled, settings.rounds)
+            global_models.complete(pending, arrays, pooled, settings.rounds)
+            save_last = functools.partial(global_models.save, settings.rounds, log_round=False)
             if pooled is not None:
                 global_models.evaluated(evaluate_global_model(grid, strategy, settings, state["rounds"][-1], known,
-                                                              statistics=pooled))
+                                                              statistics=pooled, while_waiting=save_last))
+            else:
+                save_last()
         # Any global model still without val_* (one whose evaluation a resume lost, or the last if
         # no hospital kept its weights): an evaluate message with its saved model.
         for record in state["rounds"]:

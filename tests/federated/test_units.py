@@ -90,7 +90,7 @@ def test_settings_from_the_project_params_and_readable_errors(tmp_path):
 
 
 @pytest.mark.parametrize("value, expected", [(128, {"classifier": 128, "segmenter": 128}),
-                                             ({"segmenter": 64}, {"classifier": 256, "segmenter": 64})])
+                                             ({"segmenter": 64}, {"classifier": 128, "segmenter": 64})])
 def test_calibration_images_are_set_per_role(tmp_path, value, expected):
     params = federated_params(tmp_path)
     params["federated"]["calibration_images"] = value

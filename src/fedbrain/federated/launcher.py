@@ -74,7 +74,7 @@ class FederatedSettings:
     node_wait_timeout: float = 600.0
     state_dir: str = ".fedbrain"
     # Per role (an int in params.yaml applies to both).
-    calibration_images: dict = field(default_factory=lambda: {"classifier": 256, "segmenter": 0})
+    calibration_images: dict = field(default_factory=lambda: {"classifier": 128, "segmenter": 0})
     lr_decay: str = "cosine"
     train: dict = field(default_factory=dict)
 
@@ -367,10 +367,15 @@ class Federation:
         # --isolation process: the ClientApp runs in this hospital's clientapp_runtime process
         # (started below, TensorFlow imported once), not in a new process per message.
         # fedbrain.federated.supernode: `flower-supernode` with shorter polls and a reply race closed.
+        # Each hospital has its own Flower home (app bundles, the SuperNode's file store), as separate
+        # sites would: SuperNodes sharing one rewrite the same bundle's files when one joins, and a
+        # ClientApp reading them then fails (seen: an empty bundle metadata file, the round stalled).
+        home = self.flwr_home / name
+        home.mkdir(parents=True, exist_ok=True)
         cmd = [sys.executable, "-m", "fedbrain.federated.supernode", "--superlink", self.fleet_address,
                "--isolation", "process",
                "--clientappio-api-address", appio,
-               "--node-config", node_config]  # its app bundles go to FLWR_HOME (the run's folder)
+               "--node-config", node_config, "--flwr-dir", str(home)]
         if self.secure:
             private, _ = ensure_supernode_key(self.pki, name)
             if register:
@@ -386,7 +391,7 @@ class Federation:
         self.supernodes[name] = started
         self.clientapps[name] = self._spawn(f"clientapp_{name}", [
             sys.executable, "-m", "fedbrain.federated.clientapp_runtime", "--appio-api-address", appio,
-            "--flwr-dir", str(self.flwr_home), "--parent-pid", str(started.proc.pid)])
+            "--flwr-dir", str(home), "--parent-pid", str(started.proc.pid)])
         return started
 
     def start_supernodes(self, hospitals: list[int]) -> None:

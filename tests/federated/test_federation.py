@@ -302,10 +302,11 @@ def test_crashed_supernode_does_not_stop_the_run_and_a_late_one_joins(tmp_path, 
 
 
 def test_interrupted_launcher_stops_every_process_and_resume_continues(tmp_path, tiny_model):
-    """SIGTERM (what `dvc repro` gets on Ctrl-C) after round 1 of 2: run() stops every process and
-    re-raises; `resume=True` then runs round 2 only, into the same MLflow run."""
+    """SIGTERM (what `dvc repro` gets on Ctrl-C) once round 1 of 3 is saved: run() stops every
+    process and re-raises; `resume=True` then runs rounds 2 and 3 only, into the same MLflow run.
+    (Round 1's model is saved while round 3 trains, so the stop comes before round 2's is saved.)"""
     processed, partition = make_federated_data(tmp_path / "data", hospitals=2)
-    params = tiny_params(tmp_path, rounds=2, model=TINY_PLAIN)
+    params = tiny_params(tmp_path, rounds=3, model=TINY_PLAIN)
     out = tmp_path / "models" / "fedavg"
     seen, fired = [], threading.Event()
 
@@ -325,17 +326,17 @@ def test_interrupted_launcher_stops_every_process_and_resume_continues(tmp_path,
 
     lines = []
     history = launcher.run(params, processed, partition, out, resume=True, echo=lines.append)
-    assert any("resuming classifier after round 1 of 2" in line for line in lines)
-    assert not any("round 1/2" in line for line in lines)
+    assert any("resuming classifier after round 1 of 3" in line for line in lines)
+    assert not any("round 1/3" in line for line in lines)
     assert federation_processes(tmp_path) == []
     card = json.loads((out / "classifier.json").read_text())
-    assert [r["round"] for r in card["round_records"]] == [1, 2]
+    assert [r["round"] for r in card["round_records"]] == [1, 2, 3]
     assert card["round_records"][0]["wall_time_s"] == saved["rounds"][0]["wall_time_s"]
-    assert len(history["classifier"]["val_accuracy"]) == 2
+    assert len(history["classifier"]["val_accuracy"]) == 3
     client = MlflowClient(tracking_uri=params["mlflow"]["tracking_uri"])
     (run,) = client.search_runs([client.get_experiment_by_name("fedbrain-test").experiment_id])
     assert run.info.run_id == saved["run_id"] == card["run_id"] and run.info.status == "FINISHED"
-    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "val_accuracy")) == [1, 2]
+    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "val_accuracy")) == [1, 2, 3]
 
 
 def test_insecure_flag_warns_and_a_segmenter_trains_federated(tmp_path, tiny_model):

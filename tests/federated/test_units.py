@@ -252,3 +252,20 @@ def test_supernode_sends_a_reply_once_its_objects_are_registered():
     late.join()
     with pytest.raises(NoObjectInStoreError):  # never registered: fails after its timeout
         supernode._RegisteredTrees(store, timeout=0.3).get_object_tree("0" * 64)
+
+
+def test_weights_travel_as_one_vector_and_come_back_as_the_models_arrays(tmp_path):
+    import numpy as np
+
+    from fedbrain.federated import client_app
+    from fedbrain.federated.task import weights_of, weights_record
+
+    model = client_app._model(_run_settings(tmp_path), run_id=9)
+    weights = [np.random.default_rng(i).normal(size=w.shape).astype(w.dtype) for i, w in enumerate(model.get_weights())]
+    record = weights_record(weights)
+    assert len(record) == 1  # one array, whatever the number of layer variables
+    back = weights_of(record, model)
+    assert [w.shape for w in back] == [w.shape for w in weights]
+    assert all(np.array_equal(a, b) for a, b in zip(back, weights))
+    with pytest.raises(ValueError, match="not this run's model"):
+        weights_of(weights_record(weights[:-1]), model)

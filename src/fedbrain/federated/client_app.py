@@ -28,7 +28,8 @@ from flwr.clientapp import ClientApp
 
 from fedbrain.federated.task import (CALIBRATION_WEIGHT_KEY, PREVIOUS_STATISTICS, STATISTICS, VAL_WEIGHT_KEY,
                                     WEIGHT_KEY, RunSettings, batch_norm_statistics, build, evaluate_locally,
-                                    returned_epoch, set_batch_norm_statistics, train_locally)
+                                    returned_epoch, set_batch_norm_statistics, train_locally,
+                                    weights_of, weights_record)
 
 app = ClientApp()
 
@@ -99,7 +100,7 @@ def _round(msg: Message, context: Context, train: bool) -> Message:
     model = _model(settings, context.run_id, settings.learning_rate * float(config.get("lr-scale", 1.0)))
     metrics = {"hospital": hospital, **_evaluate_previous(model, msg, context, settings, hospital)}
 
-    received = msg.content["arrays"].to_numpy_ndarrays()
+    received = weights_of(msg.content["arrays"], model)
     model.set_weights(received)
     stats, images, seconds = batch_norm_statistics(model, settings, hospital)
     metrics.update({CALIBRATION_WEIGHT_KEY: images, "calibration-time-s": seconds})
@@ -116,7 +117,7 @@ def _round(msg: Message, context: Context, train: bool) -> Message:
         metrics.update({_train_name(key): float(values[epoch]) for key, values in history.items()
                         if len(values) > epoch and key != "lr"})
         metrics.update({WEIGHT_KEY: examples, "train-time-s": seconds, "epochs-run": len(history.get("loss", []))})
-        content["arrays"] = ArrayRecord(model.get_weights())
+        content["arrays"] = weights_record(model.get_weights())
     content["metrics"] = MetricRecord(metrics)
     _RECEIVED[context.run_id] = (int(config["weights-round"]), received)
     return Message(content=content, reply_to=msg)
@@ -153,7 +154,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     hospital = _hospital(context)
     start = time.perf_counter()
     model = _model(settings, context.run_id)
-    model.set_weights(msg.content["arrays"].to_numpy_ndarrays())
+    model.set_weights(weights_of(msg.content["arrays"], model))
     results, examples = evaluate_locally(model, settings, hospital)
     # The server averages them weighted by examples into the global validation score.
     metrics = {f"val_{key}": float(value) for key, value in results.items()}

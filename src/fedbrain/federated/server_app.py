@@ -56,7 +56,8 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedbrain.federated.strategy import HospitalFedAvg, content_bytes
 from fedbrain.federated.task import (PREVIOUS_STATISTICS, VAL_WEIGHT_KEY, WEIGHT_KEY, RunSettings,
-                                    batch_norm_layers, build, lr_scale, set_batch_norm_statistics)
+                                    batch_norm_layers, build, lr_scale, set_batch_norm_statistics,
+                                    weights_of, weights_record)
 
 app = ServerApp()
 
@@ -431,7 +432,7 @@ class GlobalModels:
                  server_round: int) -> None:
         """The global model of `server_round`: its weights with the pooled statistics, and its
         round's record stored (None: the initial model, or a resumed round already on record)."""
-        self.model.set_weights(arrays.to_numpy_ndarrays())
+        self.model.set_weights(weights_of(arrays, self.model))
         if pooled is not None:
             set_batch_norm_statistics(self.model, pooled)
         elif batch_norm_layers(self.model):
@@ -505,7 +506,7 @@ def main(grid: Grid, context: Context) -> None:
     global_models = GlobalModels(settings, model, checkpoints, tracking, state)
     # The weights the hospitals get next (the initial or resumed model, then each round's average)
     # and the last finished global model the next message lets them evaluate: (round, statistics).
-    arrays = ArrayRecord(model.get_weights())
+    arrays = weights_record(model.get_weights())
     previous: tuple[int, list] | None = None
     pending: RoundRecord | None = None  # the round whose average awaits its statistics
     # The last exchange's records and checkpoint, done while the next exchange is out: the
@@ -550,7 +551,7 @@ def main(grid: Grid, context: Context) -> None:
             if not _has_val(record):
                 saved = tf.keras.models.load_model(checkpoints.model_path(record["round"]), compile=False)
                 global_models.evaluated(evaluate_global_model(grid, strategy, settings, record, known,
-                                                              arrays=ArrayRecord(saved.get_weights())))
+                                                              arrays=weights_record(saved.get_weights())))
         if last_unevaluated:
             tracking.log(RoundRecord(**state["rounds"][-1]).round_metrics(), settings.rounds)
         checkpoints.save_state(state)

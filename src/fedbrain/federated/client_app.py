@@ -51,8 +51,8 @@ def _model(settings: RunSettings, run_id: int, learning_rate: float | None = Non
     Adam's moments and step count carry over from this hospital's previous round: they never
     leave the hospital. Zeroing them each round restarted Adam's bias correction every round
     (its first steps jump by the full rate in every direction) and cost the federated U-Net
-    0.01 test Dice at 10 rounds x 5 epochs (0.773 with, 0.782 without; README). A hospital that joins or
-    restarts starts with a fresh optimizer."""
+    0.01 test Dice at 10 rounds x 5 epochs (0.773 with, 0.782 without; README). A hospital
+    that joins or restarts starts with a fresh optimizer."""
     import tensorflow as tf
 
     model = _MODELS.get(run_id)

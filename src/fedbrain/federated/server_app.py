@@ -15,7 +15,7 @@ One exchange per round. Each Flower exchange costs polling and moving the weight
 r + 1's train message does three things at each hospital:
   - measure the statistics of round r's average (the weights it trains from);
   - evaluate round r - 1's global model on its validation split: the weights it received with
-    the previous message, kept in the run's Context.state, with the pooled statistics sent now;
+    the previous message, kept in its ClientApp process, with the pooled statistics sent now;
   - train.
 After round r + 1's replies the server pools the statistics into round r's global model; it saves
 that model and records round r - 1's federated evaluation (averaged weighted by validation
@@ -224,8 +224,9 @@ def hospital_round(grid: Grid, strategy: HospitalFedAvg, settings: RunSettings, 
                    ) -> tuple[ArrayRecord | None, list | None, Evaluation | None]:
     """One exchange with the hospitals (see the module docstring): send `arrays` (the global
     weights before BatchNormalization calibration) and `previous` (round, pooled statistics) of the
-    last global model, do `while_waiting` while the hospitals work; returns (the averaged updates, or None without training; the pooled
-    statistics of `arrays`, or None if no hospital sent any; the evaluation of `previous`).
+    last global model, do `while_waiting` while the hospitals work; returns (the averaged updates,
+    or None without training; the pooled statistics of `arrays`, or None if no hospital sent any;
+    the evaluation of `previous`).
     """
     start = time.perf_counter()
     # weights-round: whose global model `arrays` are (round r's average trains in round r + 1).

@@ -9,8 +9,9 @@ bench (bench/federated.py), so each is capped at WAIT_S here:
 - Pulling a message's objects backs off 1 s, then 2, 4 ... s, whenever an object is registered
   but not yet stored (`shorten_object_pulls`). That is the usual case, not a failure: the
   SuperNode stores a message for its ClientApp before it has pulled the message's objects from
-  the SuperLink, and the SuperLink hands out a message as soon as it is pushed, before its
-  objects. Profiled in the ClientApp process, a reply of 3 KB waited 1.08 s in that backoff.
+  the SuperLink (seen in the ClientApp process: a 3 KB message waited 1.08 s in that backoff).
+  The SuperLink's messages are pushed before their objects too, so the ServerApp and the
+  SuperNodes can hit the same wait; that was not profiled separately.
   Installed in every process that pulls: the ServerApp, each SuperNode and each ClientApp runtime.
 
 Only how long a process waits between tries changes; what is sent, and the total time a pull

@@ -174,7 +174,7 @@ def test_supernode_waits_are_capped_and_flower_still_polls_with_time(monkeypatch
     assert loop.time is time
     slept = []
     monkeypatch.setattr(time, "sleep", slept.append)
-    short = waits._ShortWaits("time")
+    short = waits.ShortSleeps("time")
     short.sleep(3)     # the idle wait between polls
     short.sleep(0.05)  # shorter waits stay as they are
     assert slept == [waits.WAIT_S, 0.05]

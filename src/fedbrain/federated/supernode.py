@@ -3,16 +3,12 @@
     python -m fedbrain.federated.supernode <flower-supernode's own arguments>
 
 Why: Flower 1.23's SuperNode loop (``flwr.supernode.start_client_internal``) sleeps a fixed 3 s
-whenever the SuperLink has no message for it, and 0.5 s between checks for its ClientApp's reply.
-A round's message therefore reaches a hospital 1.5 s late on average and up to 3 s, and the
-round waits for the last of the hospitals: on the 2-core bench that was ~2.5 s of every exchange,
-and the last round has three exchanges (bench/federated.py). Neither wait is configurable.
-
+whenever the SuperLink has no message for it, and a round waits for the last of its hospitals to
+get its message: ~2.5 s of every exchange on the 2-core bench (waits.py says which waits and why).
 This runs Flower's own SuperNode command unchanged (same arguments, TLS, authentication,
-heartbeats) with those sleeps capped at WAIT_S and the shorter backoff of
-waits.shorten_object_pulls. An idle SuperNode then asks the SuperLink 1/WAIT_S times a second
-instead of once every 3 s: negligible for a consortium's handful of hospitals. Only the waits
-between its requests change, not what it sends.
+heartbeats) with its sleeps capped at WAIT_S (`ShortSleeps`) and the shorter object-pull backoff
+(`shorten_object_pulls`). An idle SuperNode then asks the SuperLink 1/WAIT_S times a second
+instead of once every 3 s: negligible for a consortium's handful of hospitals.
 
 It also closes a race in Flower 1.23 that the shorter wait made frequent: the ClientAppIo API
 stores a ClientApp's reply in the node state before it registers the reply's objects
@@ -26,7 +22,7 @@ from __future__ import annotations
 
 import time
 
-from fedbrain.federated.waits import WAIT_S, _ShortWaits, shorten_object_pulls
+from fedbrain.federated.waits import WAIT_S, ShortSleeps, shorten_object_pulls
 
 
 class _RegisteredTrees:
@@ -60,7 +56,7 @@ def main() -> None:
         # Another Flower than the pinned 1.23 may poll differently: stop rather than patch blindly.
         raise RuntimeError("flwr.supernode.start_client_internal no longer has `time` and `_push_messages`: "
                            "check fedbrain.federated.supernode against this Flower version")
-    loop.time = _ShortWaits("time")
+    loop.time = ShortSleeps("time")
     shorten_object_pulls()
     push_messages = loop._push_messages
 

@@ -5,7 +5,7 @@ receives one polls or backs off while it waits. Two waits dominated our rounds o
 bench (bench/federated.py), so each is capped at WAIT_S here:
 
 - The SuperNode loop sleeps a fixed 3 s when the SuperLink has no message for it and 0.5 s
-  between checks for its ClientApp's reply (`_ShortWaits`, installed by supernode.py).
+  between checks for its ClientApp's reply (`ShortSleeps`, installed by supernode.py).
 - Pulling a message's objects backs off 1 s, then 2, 4 ... s, whenever an object is registered
   but not yet stored (`shorten_object_pulls`). That is the usual case, not a failure: the
   SuperNode stores a message for its ClientApp before it has pulled the message's objects from
@@ -27,7 +27,7 @@ WAIT_S = 0.2
 FIRST_RETRY_S = 0.05
 
 
-class _ShortWaits(types.ModuleType):
+class ShortSleeps(types.ModuleType):
     """The `time` module as the SuperNode loop sees it: everything as usual but shorter sleeps."""
 
     def __getattr__(self, name: str):

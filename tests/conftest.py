@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,16 @@ import pytest
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from helpers import CLASSES, shared_path, write_jpeg  # noqa: E402
+
+
+def pytest_configure(config):
+    # `timeout` or a CI runner stops the suite with SIGTERM, which would end pytest at once and
+    # orphan a test's SuperLink and SuperNodes: raise KeyboardInterrupt instead, so the test's
+    # `with Federation(...)` stops every process it started, as Ctrl-C does.
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, interrupt)
 
 
 @pytest.fixture

@@ -209,6 +209,32 @@ def test_an_object_not_stored_yet_is_pulled_again_within_the_short_backoff(monke
     assert inflatable_utils.pull_and_inflate_object_from_tree.__kwdefaults__["initial_backoff"] == waits.FIRST_RETRY_S
 
 
+def test_objects_that_never_arrive_give_up_when_the_phase_ends(monkeypatch):
+    """A reply whose SuperNode died before uploading its objects: with waits.limit_object_pulls
+    (the time left in the phase) Flower's pull gives up then, instead of after 2 hours."""
+    import time
+
+    from flwr.common import inflatable_utils
+    from flwr.common.inflatable_utils import ObjectUnavailableError
+
+    from fedbrain.federated import waits
+
+    monkeypatch.setattr(inflatable_utils.pull_objects, "__kwdefaults__",
+                        dict(inflatable_utils.pull_objects.__kwdefaults__))  # restored afterwards
+    waits.shorten_object_pulls()
+
+    def never(object_id: str) -> bytes:
+        raise ObjectUnavailableError(object_id)
+
+    waits.limit_object_pulls(0.5)
+    start = time.monotonic()
+    with pytest.raises(ObjectUnavailableError):
+        inflatable_utils.pull_objects(["a" * 64], never)
+    assert time.monotonic() - start < 5.0  # the limit, a backoff step and thread start-up
+    waits.limit_object_pulls(1e9)  # never more than Flower's own limit
+    assert inflatable_utils.pull_objects.__kwdefaults__["max_time"] == inflatable_utils.PULL_MAX_TIME
+
+
 def test_a_hospital_keeps_its_model_and_optimizer_state_between_rounds(tmp_path):
     """The run's model is built once per hospital process; Adam's state carries over, the rate is the round's."""
     import numpy as np

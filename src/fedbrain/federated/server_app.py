@@ -58,6 +58,7 @@ from fedbrain.federated.strategy import HospitalFedAvg, content_bytes
 from fedbrain.federated.task import (PREVIOUS_STATISTICS, VAL_WEIGHT_KEY, WEIGHT_KEY, RunSettings,
                                     batch_norm_layers, build, lr_scale, set_batch_norm_statistics,
                                     weights_of, weights_record)
+from fedbrain.federated.waits import limit_object_pulls
 
 app = ServerApp()
 
@@ -90,6 +91,9 @@ def exchange(grid: Grid, strategy: HospitalFedAvg, messages: list[Message], time
     replies: list[Message] = []
     deadline = time.monotonic() + timeout
     while pending and time.monotonic() < deadline:
+        # A reply whose objects never arrive (its SuperNode died in between) must not hold the
+        # round past its deadline: see waits.limit_object_pulls.
+        limit_object_pulls(deadline - time.monotonic())
         for reply in grid.pull_messages(list(pending)):
             if pending.pop(reply.metadata.reply_to_message_id, None) is not None:
                 replies.append(reply)

@@ -55,3 +55,21 @@ def shorten_object_pulls() -> None:
     for function in functions:
         function.__kwdefaults__.update(initial_backoff=FIRST_RETRY_S, backoff_cap=WAIT_S,
                                        max_tries_per_object=int(constant.PULL_MAX_TIME / WAIT_S))
+
+
+def limit_object_pulls(seconds: float) -> None:
+    """Let a pull of a message's objects that starts now give up after `seconds` (Flower: 2 h).
+
+    The ServerApp sets this to the time left in the phase before it pulls replies. A SuperNode
+    that dies after pushing its reply but before uploading the reply's objects leaves the reply
+    registered with objects that never arrive; Flower's pull then retries for PULL_MAX_TIME and
+    the round's `round-timeout` never comes into play (seen in the crash test: the ServerApp
+    stalled in pull_objects). When the limit is reached Flower returns the reply as an error
+    message, which the round records as that hospital's failure."""
+    from flwr.common import constant, inflatable_utils
+
+    defaults = inflatable_utils.pull_objects.__kwdefaults__ or {}
+    if "max_time" not in defaults:
+        raise RuntimeError("flwr.common.inflatable_utils.pull_objects no longer takes max_time: "
+                           "check fedbrain.federated.waits against this Flower version")
+    defaults["max_time"] = max(0.0, min(seconds, constant.PULL_MAX_TIME))

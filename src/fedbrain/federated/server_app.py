@@ -58,7 +58,7 @@ from fedbrain.federated.strategy import HospitalFedAvg, content_bytes
 from fedbrain.federated.task import (PREVIOUS_STATISTICS, VAL_WEIGHT_KEY, WEIGHT_KEY, RunSettings,
                                     batch_norm_layers, build, lr_scale, set_batch_norm_statistics,
                                     weights_of, weights_record)
-from fedbrain.federated.waits import limit_object_pulls
+from fedbrain.federated.waits import limit_object_pulls, shorten_object_pulls
 
 app = ServerApp()
 
@@ -470,7 +470,6 @@ def main(grid: Grid, context: Context) -> None:
     import tensorflow as tf
 
     from fedbrain.dataset import load_classes
-    from fedbrain.federated.waits import shorten_object_pulls
     from fedbrain.train import save_model
 
     shorten_object_pulls()  # this process (flwr-serverapp) runs only this app: replies are pulled sooner

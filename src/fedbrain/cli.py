@@ -112,10 +112,35 @@ def predict(params_path, model, out, slice_index, images):
 @click.option("--resume", is_flag=True, help="Continue from the last round saved in --out after a crash.")
 @click.option("--insecure", is_flag=True,
               help="Turn TLS and SuperNode authentication off (prints a warning; debugging only).")
-def train_federated(params_path, processed, partition, out, resume, insecure):
+@click.option("--variant", default=None,
+              help="A federated variant from params.yaml `variants` (dp, paillier, secure, ...) laid over the settings.")
+def train_federated(params_path, processed, partition, out, resume, insecure, variant):
     """FedAvg on Flower's Deployment Engine: a SuperLink and one SuperNode per hospital, on loopback."""
     _run("federated.launcher", "run", params_path, processed=processed, partition=partition, out=out,
-         resume=resume, insecure=insecure)
+         resume=resume, insecure=insecure, variant=variant)
+
+
+@main.group()
+def audit():
+    """The hash-chained audit log of federated rounds."""
+
+
+@audit.command(name="verify")
+@click.argument("log", type=click.Path(path_type=Path))
+def audit_verify(log):
+    """Check LOG's hash chain: exit 0 if intact, 1 naming the first bad line, 2 if LOG cannot be read."""
+    verify = importlib.import_module("fedbrain.secure.audit").verify
+    try:
+        result = verify(log)
+    except InputError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)  # not 1: nothing was checked, which is not the same as a tampered log
+    if not result.ok:
+        click.echo(f"{log}: line {result.first_bad_line}: {result.reason}", err=True)
+        sys.exit(1)
+    rounds = f"{result.rounds[0]}-{result.rounds[-1]}" if result.rounds else "none"
+    click.echo(f"{log}: intact, {result.entries} entries, rounds {rounds}, "
+               f"hospitals [{', '.join(result.hospitals)}], last hash {result.last_sha256[:12]}")
 
 
 if __name__ == "__main__":

@@ -48,3 +48,28 @@ def get(sec: dict[str, Any], key: str, kind: type | tuple[type, ...], where: str
     if choices is not None and value not in choices:
         raise InputError(f"params.yaml: '{where}.{key}' is {value!r}; expected one of {', '.join(map(str, choices))}")
     return value
+
+
+def merged(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """`base` with `overrides` laid over it, mapping by mapping (a copy; neither is changed)."""
+    out = dict(base)
+    for key, value in overrides.items():
+        out[key] = merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def with_variant(params: dict[str, Any], name: str | None) -> dict[str, Any]:
+    """params with federated variant `name`'s overrides (params.yaml `variants.<name>`) applied."""
+    if name is None:
+        return params
+    variants = params.get("variants") or {}
+    if name not in variants:
+        raise InputError(f"params.yaml: no federated variant {name!r} under 'variants'; "
+                         f"defined: {', '.join(variants) or 'none'}")
+    overrides = variants[name] or {}
+    if not isinstance(overrides, dict):
+        raise InputError(f"params.yaml: 'variants.{name}' must be a mapping of params sections to override")
+    unknown = sorted(set(overrides) - set(params) - {"privacy"})
+    if unknown:
+        raise InputError(f"params.yaml: 'variants.{name}' overrides unknown section(s) {', '.join(unknown)}")
+    return merged(params, overrides) | {"variant": name}

@@ -27,8 +27,9 @@ from fedbrain.config import get
 from fedbrain.dataset import Split, load_classes, load_split
 from fedbrain.errors import InputError
 
-COMPARISON_COLUMNS = ["run", "training", "model", "task", "privacy", "epsilon", "accuracy", "macro_f1",
-                      "roc_auc", "dice", "hd95", "dice_tumour_slices", "test_images", "train_time_s", "run_id"]
+COMPARISON_COLUMNS = ["run", "training", "model", "task", "privacy", "epsilon", "delta", "aggregation", "accuracy",
+                      "macro_f1", "roc_auc", "dice", "hd95", "dice_tumour_slices", "test_images", "train_time_s",
+                      "round_time_s", "mb_per_round", "run_id"]
 
 
 # --------------------------------------------------------------------------- classification
@@ -259,6 +260,39 @@ def plot_rounds(results: list[dict], task: str, path: Path) -> Path | None:
     return _save(fig, path)
 
 
+def plot_privacy_utility(rows: list[dict], path: Path) -> Path | None:
+    """Test accuracy against epsilon: every DP classifier a point, every non-private one a
+    horizontal reference line (epsilon infinite)."""
+    classifiers = [r for r in rows if r["task"] == "classification" and r["accuracy"] is not None]
+    private = [r for r in classifiers if r["epsilon"] is not None]
+    if not private:
+        return None
+    fig = _figure(6.0, 4.0)
+    ax = fig.subplots()
+    for r in private:
+        ax.plot(r["epsilon"], r["accuracy"], "o", label=f"{r['run']} (epsilon {r['epsilon']:.2f}, delta {r['delta']:.0e})")
+    for r in classifiers:
+        if r["epsilon"] is None:
+            ax.axhline(r["accuracy"], linestyle="--", color="grey", linewidth=1)
+            ax.annotate(f"{r['run']} (no DP)", (0.01, r["accuracy"]), xycoords=("axes fraction", "data"), fontsize=7)
+    ax.set_xlabel("epsilon (largest hospital's, at its delta)")
+    ax.set_ylabel("test accuracy")
+    ax.set_title("privacy vs utility", fontsize=9)
+    ax.legend(fontsize=7, loc="lower right")
+    return _save(fig, path)
+
+
+def federation_costs(card: dict) -> dict:
+    """Median round wall time and MB moved per round of a federated run (its last round, which also
+    drains the pipeline, left out when there are others)."""
+    records = card.get("round_records") or []
+    typical = records[:-1] or records
+    if not typical:
+        return {"round_time_s": None, "mb_per_round": None}
+    return {"round_time_s": float(np.median([r["wall_time_s"] for r in typical])),
+            "mb_per_round": float(np.median([(r["bytes_up"] + r["bytes_down"]) / 1e6 for r in typical]))}
+
+
 # --------------------------------------------------------------------------- models
 
 def discover(models: Path) -> list[Path]:
@@ -284,8 +318,10 @@ def describe(path: Path, models: Path, model, card: dict) -> dict:
     if history is None and (path.parent / "history.json").is_file():
         history = json.loads((path.parent / "history.json").read_text()).get(path.stem)
     return {"run": relative.as_posix(), "training": training, "privacy": privacy, "task": task,
-            "model": card.get("model") or model.name, "epsilon": card.get("epsilon"),
-            "run_id": card.get("run_id"), "train_time_s": card.get("train_time_s"), "history": history}
+            "model": card.get("model") or model.name, "epsilon": card.get("epsilon"), "delta": card.get("delta"),
+            "aggregation": card.get("aggregation", "fedavg" if training == "federated" else None),
+            "run_id": card.get("run_id"), "train_time_s": card.get("train_time_s"), "history": history,
+            **federation_costs(card)}
 
 
 def _clean(value):
@@ -312,7 +348,9 @@ def comparison_markdown(table: pd.DataFrame) -> str:
     def cell(value):
         if value is None or (isinstance(value, float) and math.isnan(value)):
             return ""
-        return f"{value:.4f}" if isinstance(value, float) else str(value)
+        if isinstance(value, float):
+            return f"{value:.1e}" if 0 < abs(value) < 1e-3 else f"{value:.4f}"  # a delta reads 1.0e-05
+        return str(value)
 
     columns = [c for c in table.columns if c != "run_id"]
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
@@ -374,20 +412,28 @@ def run(params: dict, processed: Path, partition: Path, models: Path, out: Path)
     for result in results:
         info, metrics = result["info"], result["metrics"]
         flat = {f"test_{k}": v for k, v in metrics.items() if isinstance(v, (int, float)) or v is None}
+        if info["epsilon"] is not None:
+            flat.update(epsilon=info["epsilon"], delta=info["delta"])
         scalars[info["run"]] = {k: v for k, v in flat.items() if v is not None}
         details[info["run"]] = {**{k: v for k, v in info.items() if k != "history"}, "metrics": metrics}
         rows.append({"run": info["run"], "training": info["training"], "model": info["model"], "task": info["task"],
-                     "privacy": info["privacy"], "epsilon": info["epsilon"],
+                     "privacy": info["privacy"], "epsilon": info["epsilon"], "delta": info["delta"],
+                     "aggregation": info["aggregation"],
                      "accuracy": metrics.get("accuracy"), "macro_f1": metrics.get("macro_f1"),
                      "roc_auc": metrics.get("roc_auc"), "dice": metrics.get("dice"), "hd95": metrics.get("hd95"),
                      "dice_tumour_slices": metrics.get("dice_tumour_slices"), "test_images": len(test),
-                     "train_time_s": info["train_time_s"], "run_id": info["run_id"]})
+                     "train_time_s": info["train_time_s"], "round_time_s": info["round_time_s"],
+                     "mb_per_round": info["mb_per_round"], "run_id": info["run_id"]})
     for task in ("classification", "segmentation"):
         # Per-round curve of every federated run, in the plots folder and in its MLflow run.
         if (figure := plot_rounds(results, task, out / "plots" / f"rounds_{task}.png")) is not None:
             for result in results:
                 if result["info"]["task"] == task and result["info"]["training"] == "federated":
                     result["artifacts"].append(figure)
+    if (figure := plot_privacy_utility(rows, out / "plots" / "privacy_utility.png")) is not None:
+        for result in results:
+            if result["info"]["task"] == "classification":
+                result["artifacts"].append(figure)
     table = pd.DataFrame(rows, columns=COMPARISON_COLUMNS)
     _write_text(out / "metrics.json", json.dumps(scalars, indent=2) + "\n")
     _write_text(out / "evaluation.json", json.dumps(_clean(details), indent=2) + "\n")

@@ -9,6 +9,7 @@ hospitals. All layers are stock Keras layers so ``.keras`` files load with
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import tensorflow as tf
@@ -32,19 +33,34 @@ def task_of(name: str) -> str:
     return "segmentation" if name in SEGMENTERS else "classification"
 
 
+NORMALIZATIONS = ("batch", "group")
+# The models that have a GroupNormalization form (for DP-SGD, which cannot train BatchNorm).
+GROUP_NORM_MODELS = ("cnn", "unet")
+
+
 def build_model(name: str, input_shape: tuple[int, int, int], num_classes: int,
-                weights: str = "none") -> tf.keras.Model:
-    """A model by name. ``weights`` (none | imagenet | <file>) applies to vgg16/efficientnet_b0."""
+                weights: str = "none", normalization: str = "batch") -> tf.keras.Model:
+    """A model by name. ``weights`` (none | imagenet | <file>) applies to vgg16/efficientnet_b0.
+
+    ``normalization``: batch (BatchNormalization) | group (GroupNormalization, cnn and unet only).
+    BatchNorm mixes the examples of a batch, so one example's gradient depends on the others and
+    per-example clipping (DP-SGD) bounds nothing; GroupNorm normalises each example on its own.
+    """
     task_of(name)
+    if normalization not in NORMALIZATIONS:
+        raise InputError(f"unknown normalization {normalization!r}; expected one of {', '.join(NORMALIZATIONS)}")
+    if normalization == "group" and name not in GROUP_NORM_MODELS:
+        raise InputError(f"model {name!r} has no GroupNorm form: only {' and '.join(GROUP_NORM_MODELS)} do; "
+                         f"set normalization: batch or model: cnn")
     input_shape = tuple(int(v) for v in input_shape)
     if len(input_shape) != 3:
         raise InputError(f"input_shape {input_shape} must be (size, size, channels)")
     if weights not in ("none", None) and name not in ("vgg16", "efficientnet_b0"):
         raise InputError(f"model {name!r} has no pretrained weights; set weights: none")
     if name == "cnn":
-        return compact_cnn(input_shape, num_classes)
+        return compact_cnn(input_shape, num_classes, normalization=normalization)
     if name == "unet":
-        return unet(input_shape)
+        return unet(input_shape, normalization=normalization)
     return keras_application(name, input_shape, num_classes, weights or "none")
 
 
@@ -56,30 +72,43 @@ def build_model(name: str, input_shape: tuple[int, int, int], num_classes: int,
 CNN_BN_MOMENTUM = 0.9
 
 
+# GroupNorm's group count. Wu & He (2018) use 32 groups on ImageNet ResNets, but our layers are
+# narrow (16 channels in the U-Net's first level): 32 groups there would be one channel each
+# (InstanceNorm, which removes each channel's contrast, the signal in MRI intensities). 8 groups
+# keeps at least 2 channels per group; gcd with the width always divides it, as the layer needs.
+GROUP_NORM_GROUPS = 8
+
+
+def _norm(x, normalization: str, momentum: float):
+    if normalization == "group":
+        return layers.GroupNormalization(groups=math.gcd(int(x.shape[-1]), GROUP_NORM_GROUPS))(x)
+    return layers.BatchNormalization(momentum=momentum)(x)
+
+
 def _conv_bn(x, filters: int, kernel: int = 3, strides: int = 1, separable: bool = False,
-             momentum: float = 0.99):
+             momentum: float = 0.99, normalization: str = "batch"):
     conv = layers.SeparableConv2D if separable else layers.Conv2D
     x = conv(filters, kernel, strides=strides, padding="same", use_bias=False)(x)
-    x = layers.BatchNormalization(momentum=momentum)(x)
+    x = _norm(x, normalization, momentum)
     return layers.Activation("relu")(x)
 
 
-def _residual_block(x, filters: int, strides: int, momentum: float):
-    """Pre-downsampling residual block (ResNet 'basic' block, BN after each conv)."""
+def _residual_block(x, filters: int, strides: int, momentum: float, normalization: str = "batch"):
+    """Pre-downsampling residual block (ResNet 'basic' block, a norm layer after each conv)."""
     shortcut = x
-    y = _conv_bn(x, filters, strides=strides, momentum=momentum)
+    y = _conv_bn(x, filters, strides=strides, momentum=momentum, normalization=normalization)
     y = layers.Conv2D(filters, 3, padding="same", use_bias=False)(y)
-    y = layers.BatchNormalization(momentum=momentum)(y)
+    y = _norm(y, normalization, momentum)
     if strides != 1 or shortcut.shape[-1] != filters:
         # 1x1 projection so the shapes match; average pooling first keeps all pixels' information.
         if strides != 1:
             shortcut = layers.AveragePooling2D(strides, padding="same")(shortcut)
         shortcut = layers.Conv2D(filters, 1, use_bias=False)(shortcut)
-        shortcut = layers.BatchNormalization(momentum=momentum)(shortcut)
+        shortcut = _norm(shortcut, normalization, momentum)
     return layers.Activation("relu")(layers.Add()([y, shortcut]))
 
 
-def compact_cnn(input_shape, num_classes: int, width: int = 32) -> tf.keras.Model:
+def compact_cnn(input_shape, num_classes: int, width: int = 32, normalization: str = "batch") -> tf.keras.Model:
     """A small residual network (ResNet-18 layout) designed for accuracy per CPU-second.
 
     On a CPU most of the time goes to the high-resolution layers, so the stem brings the image
@@ -87,13 +116,15 @@ def compact_cnn(input_shape, num_classes: int, width: int = 32) -> tf.keras.Mode
     at 64x64 would cost 3x the rest of the network. Four stages of two residual blocks then widen
     as they shrink (32, 64, 128, 256 channels at 32, 16, 8, 4 pixels), so each stage costs about
     the same: 2.8M parameters, ~200 images/s to train on 2 cores at 128x128.
+    ``normalization``: batch | group (see build_model).
     """
     inputs = tf.keras.Input(input_shape, name="image")
-    x = _conv_bn(inputs, width, kernel=5, strides=2, momentum=CNN_BN_MOMENTUM)
+    norm = {"momentum": CNN_BN_MOMENTUM, "normalization": normalization}
+    x = _conv_bn(inputs, width, kernel=5, strides=2, **norm)
     x = layers.MaxPooling2D(2, padding="same")(x)
     for i, filters in enumerate((width, 2 * width, 4 * width, 8 * width)):
-        x = _residual_block(x, filters, strides=1 if i == 0 else 2, momentum=CNN_BN_MOMENTUM)
-        x = _residual_block(x, filters, strides=1, momentum=CNN_BN_MOMENTUM)
+        x = _residual_block(x, filters, strides=1 if i == 0 else 2, **norm)
+        x = _residual_block(x, filters, strides=1, **norm)
     x = layers.GlobalAveragePooling2D()(x)
     x = layers.Dropout(0.3)(x)
     outputs = layers.Dense(num_classes, activation="softmax", name="probabilities")(x)
@@ -153,21 +184,27 @@ def keras_application(name: str, input_shape, num_classes: int, weights: str) ->
     return tf.keras.Model(inputs, outputs, name=name)
 
 
-def unet(input_shape, filters: int = 16, depth: int = 4) -> tf.keras.Model:
-    """U-Net (Ronneberger et al. 2015) with BatchNorm; sigmoid tumour probability per pixel."""
+def unet(input_shape, filters: int = 16, depth: int = 4, normalization: str = "batch") -> tf.keras.Model:
+    """U-Net (Ronneberger et al. 2015) with BatchNorm (or GroupNorm: normalization="group");
+    sigmoid tumour probability per pixel."""
     size = input_shape[0]
     if size % (2 ** depth):
         raise InputError(f"unet needs an image size divisible by {2 ** depth}; preprocess.size is {size}")
     inputs = tf.keras.Input(input_shape, name="image")
     x, skips = inputs, []
+
+    def double_conv(x, width):
+        x = _conv_bn(x, width, normalization=normalization)
+        return _conv_bn(x, width, normalization=normalization)
+
     for level in range(depth):
-        x = _conv_bn(_conv_bn(x, filters * 2 ** level), filters * 2 ** level)
+        x = double_conv(x, filters * 2 ** level)
         skips.append(x)
         x = layers.MaxPooling2D(2)(x)
-    x = _conv_bn(_conv_bn(x, filters * 2 ** depth), filters * 2 ** depth)
+    x = double_conv(x, filters * 2 ** depth)
     for level in reversed(range(depth)):
         x = layers.Conv2DTranspose(filters * 2 ** level, 2, strides=2, padding="same")(x)
         x = layers.Concatenate()([x, skips[level]])
-        x = _conv_bn(_conv_bn(x, filters * 2 ** level), filters * 2 ** level)
+        x = double_conv(x, filters * 2 ** level)
     outputs = layers.Conv2D(1, 1, activation="sigmoid", name="mask")(x)
     return tf.keras.Model(inputs, outputs, name="unet")

@@ -7,6 +7,7 @@ and a history out. ``run_centralized`` is the pooled-data stage (``fedbrain trai
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -361,27 +362,69 @@ def train_model(params: dict, role: str, classes: dict, train: Split, val: Split
 
     tf.keras.utils.set_random_seed(seed)
     input_shape = train.images.shape[1:]
-    model = build_model(name, input_shape, len(classes["classes"]), get(opts, "weights", str, where, default="none"))
-    compile_model(model, task, learning_rate, label_smoothing=get(opts, "label_smoothing", float, where, default=0.0))
-    run_name = f"centralized-{role}"
-    tags = {"task": task, "model": name, "training": "centralized", "privacy": "none"}
+    model = build_model(name, input_shape, len(classes["classes"]), get(opts, "weights", str, where, default="none"),
+                        normalization=get(opts, "normalization", str, where, default="batch"))
+    privacy, plan = _privacy_plan(params, opts, role, len(train), epochs)
+    trainable = model
+    if plan is not None:
+        from fedbrain.privacy.dp_sgd import private_model
+
+        trainable = private_model(model, privacy.l2_norm_clip, plan.noise_multiplier, role=role)
+        print(f"privacy: centralized {role}: {plan.describe(rounds=1)}", flush=True)
+    compile_model(trainable, task, learning_rate,
+                  label_smoothing=get(opts, "label_smoothing", float, where, default=0.0))
+    run_name = f"centralized-{role}" + ("-dp" if plan is not None else "")
+    tags = {"task": task, "model": name, "training": "centralized", "privacy": privacy.mode}
     with tracking.start_run(params, run_name, tags) as run:
         tracking.log_params({"data.train_images": len(train), "data.val_images": len(val),
                              "model.parameters": model.count_params()})
         start = time.perf_counter()
-        history = fit(model, train, val, task, opts, epochs, seed,
-                      class_weight=get(opts, "class_weight", bool, where, default=True),
+        history = fit(trainable, train, val, task, opts, epochs, seed,
+                      class_weight=get(opts, "class_weight", bool, where, default=True) and plan is None,
                       verbose=1 if sys.stdout.isatty() else 2)
         seconds = time.perf_counter() - start
         tracking.log_history(history)
         tracking.log_metrics({"train_time_s": seconds, "epochs_run": len(history.get("loss", []))})
-        card = {"task": task, "model": name, "training": "centralized", "privacy": "none", "epsilon": None,
+        privacy_card = {"privacy": "none", "epsilon": None}
+        if plan is not None:
+            from fedbrain.privacy.accountant import SAMPLING
+
+            # Early stopping may end sooner than planned: the epochs run are what was spent.
+            spent = dataclasses.replace(plan, epochs_per_round=len(history.get("loss", [])))
+            privacy_card = {"privacy": "example", "epsilon": spent.epsilon_after(1), "delta": plan.delta,
+                            "noise_multiplier": plan.noise_multiplier, "l2_norm_clip": privacy.l2_norm_clip,
+                            "epsilon_accounting": f"{SAMPLING}, {privacy.accountant.upper()}"}
+            tracking.log_metrics({"epsilon": privacy_card["epsilon"]})
+        card = {"task": task, "model": name, "training": "centralized", **privacy_card,
                 "classes": classes["classes"], "run_id": run.info.run_id, "train_time_s": seconds,
                 "history": history}
         path = out / f"{role}.keras"
         save_model(model, path, card)
         tracking.log_keras_model(params, model, path)
     return card
+
+
+def _privacy_plan(params: dict, opts: dict, role: str, examples: int, epochs: int):
+    """(privacy settings, the DP-SGD plan or None): params' privacy section for the pooled run.
+
+    Class weights are off under DP: a weight scales an example's loss, so its clipped gradient
+    could count several times the clip norm the noise is calibrated to."""
+    from fedbrain.privacy.settings import PrivacySettings
+
+    privacy = PrivacySettings.from_params(params)
+    if not privacy.enabled:
+        return privacy, None
+    if privacy.mode == "client":
+        raise InputError("params.yaml: privacy.mode client protects a hospital's whole update and has no meaning "
+                         "for the pooled run; use mode example (DP-SGD) or none for train-centralized")
+    if get(opts, "normalization", str, f"train.{role}", default="batch") != "group":
+        raise InputError(f"params.yaml: privacy.mode example needs a network without BatchNormalization "
+                         f"(it mixes the examples of a batch): set train.{role}.normalization: group")
+    if get(opts, "oversample_tumour", int, f"train.{role}", default=1) > 1:
+        raise InputError(f"params.yaml: privacy.mode example counts each image once per epoch; set "
+                         f"train.{role}.oversample_tumour: 1")
+    batch = get(opts, "batch_size", int, f"train.{role}")
+    return privacy, privacy.example_plan(examples, batch, epochs, rounds=1)
 
 
 def run_centralized(params: dict, processed: Path, partition: Path, out: Path) -> dict:

@@ -31,3 +31,14 @@ def build_segmenter(input_shape, num_classes):
     x = tf.keras.layers.Conv2D(4, 3, padding="same", activation="relu")(inputs)
     outputs = tf.keras.layers.Conv2D(1, 1, activation="sigmoid", name="mask")(x)
     return tf.keras.Model(inputs, outputs, name="tiny_segmenter")
+
+
+def build_group(input_shape, num_classes):
+    """`build` with GroupNormalization instead of BatchNormalization: the form DP training needs."""
+    inputs = tf.keras.Input(input_shape, name="image")
+    x = tf.keras.layers.Conv2D(4, 3, strides=2, padding="same", use_bias=False)(inputs)
+    x = tf.keras.layers.GroupNormalization(groups=2)(x)
+    x = tf.keras.layers.Activation("relu")(x)
+    x = tf.keras.layers.GlobalAveragePooling2D()(x)
+    outputs = tf.keras.layers.Dense(num_classes, activation="softmax", name="probabilities")(x)
+    return tf.keras.Model(inputs, outputs, name="tiny_group")

@@ -23,15 +23,31 @@ from __future__ import annotations
 
 import time
 
+import numpy as np
+
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.clientapp.mod import fixedclipping_mod
+from flwr.common.differential_privacy_constants import KEY_CLIPPING_NORM
 
 from fedbrain.federated.task import (CALIBRATION_WEIGHT_KEY, PREVIOUS_STATISTICS, STATISTICS, VAL_WEIGHT_KEY,
                                     WEIGHT_KEY, RunSettings, batch_norm_statistics, build, evaluate_locally,
-                                    returned_epoch, set_batch_norm_statistics, train_locally,
+                                    hospital_data, returned_epoch, set_batch_norm_statistics, train_locally,
                                     weights_of, weights_record)
+from fedbrain.privacy.budget import HospitalPrivacy
 
-app = ClientApp()
+
+def client_level_clipping(msg: Message, context: Context, call_next) -> Message:
+    """privacy.mode client: Flower's fixedclipping_mod clips this hospital's round update (reply
+    minus received weights) to the norm the server's DifferentialPrivacyClientSideFixedClipping
+    sends; other messages and modes pass through (the mod refuses a message without that norm)."""
+    config = msg.content.config_records.get("config") if msg.has_content() else None
+    if msg.metadata.message_type == "train" and config is not None and KEY_CLIPPING_NORM in config:
+        return fixedclipping_mod(msg, context, call_next)
+    return call_next(msg, context)
+
+
+app = ClientApp(mods=[client_level_clipping])
 
 # The run's compiled model, built at this process's first message and reused by every later one:
 # building it and tracing its Keras functions again cost ~1 s of every message (cnn, 2 cores).
@@ -42,9 +58,41 @@ _MODELS: dict[int, object] = {}
 # for the cnn, ~0.5 s of serialising a message on 2 cores). Both live as long as the process,
 # which the launcher starts and stops with the hospital's SuperNode.
 _RECEIVED: dict[int, tuple[int, list]] = {}
+# privacy.mode example: this hospital's DP-SGD plan for the run (its noise, fixed at the first message).
+_PRIVACY: dict[int, HospitalPrivacy] = {}
 
 
-def _model(settings: RunSettings, run_id: int, learning_rate: float | None = None):
+# federated.secure_aggregation paillier: this hospital's private key, from its SuperNode's node config.
+_CIPHERS: dict[int, object] = {}
+
+
+def _cipher(settings: RunSettings, context: Context):
+    if not settings.encrypted:
+        return None
+    if context.run_id not in _CIPHERS:
+        from fedbrain.federated.encrypted import EncryptionSettings, HospitalCipher
+
+        path = context.node_config.get("paillier-private-key")
+        if not path:
+            raise RuntimeError(f"hospital {_hospital(context)}: the run encrypts its updates but this SuperNode has "
+                               f"no paillier-private-key in its node config")
+        _CIPHERS.clear()
+        _CIPHERS[context.run_id] = HospitalCipher(str(path), EncryptionSettings(**settings.encryption))
+    return _CIPHERS[context.run_id]
+
+
+def _privacy(settings: RunSettings, run_id: int, hospital: int) -> HospitalPrivacy | None:
+    if settings.privacy.mode != "example":
+        return None
+    if run_id not in _PRIVACY:
+        _PRIVACY.clear()
+        _PRIVACY[run_id] = HospitalPrivacy.plan_for(
+            settings.privacy, len(hospital_data(settings, hospital, "train")),
+            int(settings.train_params.get("batch_size", 32)), settings.local_epochs, settings.rounds)
+    return _PRIVACY[run_id]
+
+
+def _model(settings: RunSettings, run_id: int, learning_rate: float | None = None, hospital: int = 0):
     """This run's model with its learning rate set to `learning_rate` (train.<role>'s by default).
     Weights are the caller's to set.
 
@@ -60,7 +108,8 @@ def _model(settings: RunSettings, run_id: int, learning_rate: float | None = Non
         _MODELS.clear()  # one run at a time: drop an earlier run's model and weights
         _RECEIVED.clear()
         tf.keras.backend.clear_session()
-        model = _MODELS[run_id] = build(settings)
+        privacy = _privacy(settings, run_id, hospital)
+        model = _MODELS[run_id] = build(settings, noise_multiplier=privacy and privacy.plan.noise_multiplier)
     tf.keras.backend.set_value(model.optimizer.learning_rate, learning_rate or settings.learning_rate)
     return model
 
@@ -77,14 +126,15 @@ def _evaluate_previous(model, msg: Message, context: Context, settings: RunSetti
     """val_* of the previous global model, or {} when this hospital did not receive it (it joined
     or restarted since): the server then averages the other hospitals' figures."""
     config = msg.content["config"]
-    if PREVIOUS_STATISTICS not in msg.content.array_records or "previous-round" not in config:
+    if "previous-round" not in config:
         return {}
     seen, weights = _RECEIVED.get(context.run_id, (None, None))
     if seen != int(config["previous-round"]):
         return {}
     start = time.perf_counter()
     model.set_weights(weights)
-    set_batch_norm_statistics(model, msg.content[PREVIOUS_STATISTICS].to_numpy_ndarrays())
+    if PREVIOUS_STATISTICS in msg.content.array_records:  # none for a model without BatchNormalization
+        set_batch_norm_statistics(model, msg.content[PREVIOUS_STATISTICS].to_numpy_ndarrays())
     results, examples = evaluate_locally(model, settings, hospital)
     # Named as the centralized run's validation metrics (val_loss, val_accuracy | val_dice).
     return {**{f"val_{key}": float(value) for key, value in results.items()}, VAL_WEIGHT_KEY: examples,
@@ -97,14 +147,22 @@ def _round(msg: Message, context: Context, train: bool) -> Message:
     config = msg.content["config"]
     server_round = int(config["server-round"])
     # The server's per-round learning-rate share (task.lr_scale), applied to train.<role>'s rate.
-    model = _model(settings, context.run_id, settings.learning_rate * float(config.get("lr-scale", 1.0)))
+    model = _model(settings, context.run_id, settings.learning_rate * float(config.get("lr-scale", 1.0)), hospital)
     metrics = {"hospital": hospital, **_evaluate_previous(model, msg, context, settings, hospital)}
 
     received = weights_of(msg.content["arrays"], model)
     model.set_weights(received)
+    content = RecordDict()
+    cipher = _cipher(settings, context)
     stats, images, seconds = batch_norm_statistics(model, settings, hospital)
     metrics.update({CALIBRATION_WEIGHT_KEY: images, "calibration-time-s": seconds})
-    content = RecordDict({STATISTICS: ArrayRecord(stats)})
+    if stats and cipher is None:  # a model without BatchNormalization (the DP forms) has none to send
+        content[STATISTICS] = ArrayRecord(stats)
+    privacy = _privacy(settings, context.run_id, hospital)
+    if train and privacy is not None and privacy.refuses(server_round):
+        # Training would cross privacy.epsilon_budget: no update, the server stops the run.
+        metrics.update({**privacy.report(server_round, trained=False), WEIGHT_KEY: 0})
+        train = False
     if train:
         # Training normalises with batch statistics; this hospital's own statistics of the received
         # weights make the local validation of the first epochs meaningful.
@@ -112,12 +170,25 @@ def _round(msg: Message, context: Context, train: bool) -> Message:
         history, seconds, examples = train_locally(model, settings, hospital, server_round)
         # The epoch whose weights go back (fit keeps the best on local validation): train_loss,
         # train_accuracy|train_dice on this hospital's train split, and local_val_* of that model
-        # on its own validation split.
+        # on its own validation split. Under DP-SGD train_* are left out: they are computed on the
+        # training images without noise, outside what the epsilon covers.
         epoch = returned_epoch(history, settings.train_params)
         metrics.update({_train_name(key): float(values[epoch]) for key, values in history.items()
-                        if len(values) > epoch and key != "lr"})
+                        if len(values) > epoch and key != "lr" and (privacy is None or key.startswith("val_"))})
         metrics.update({WEIGHT_KEY: examples, "train-time-s": seconds, "epochs-run": len(history.get("loss", []))})
-        content["arrays"] = weights_record(model.get_weights())
+        if privacy is not None:
+            metrics.update(privacy.report(server_round))
+        if cipher is None:
+            content["arrays"] = weights_record(model.get_weights())
+    if cipher is not None:
+        # Only ciphertexts of this hospital's update and statistics leave it (encrypted.py).
+        start = time.perf_counter()
+        update = None
+        if train:
+            (trained,), (sent,) = (weights_record(w).to_numpy_ndarrays() for w in (model.get_weights(), received))
+            update = trained.astype(np.float64) - sent
+        cipher.encrypt_reply(content, config, update, stats, images, hospital, server_round)
+        metrics["encryption-time-s"] = time.perf_counter() - start
     content["metrics"] = MetricRecord(metrics)
     _RECEIVED[context.run_id] = (int(config["weights-round"]), received)
     return Message(content=content, reply_to=msg)
@@ -133,6 +204,24 @@ def calibrate(msg: Message, context: Context) -> Message:
     return _round(msg, context, train=False)
 
 
+@app.query("examples")
+def examples(msg: Message, context: Context) -> Message:
+    """This hospital's number of training images (encrypted aggregation weighs updates by it)."""
+    settings = RunSettings.from_run_config(context.run_config)
+    hospital = _hospital(context)
+    count = len(hospital_data(settings, hospital, "train"))
+    return Message(content=RecordDict({"metrics": MetricRecord({WEIGHT_KEY: count, "hospital": hospital})}),
+                   reply_to=msg)
+
+
+@app.query("decrypt")
+def decrypt(msg: Message, context: Context) -> Message:
+    """Decrypt this hospital's share of the summed ciphertexts (encrypted.py: only the sum opens)."""
+    settings = RunSettings.from_run_config(context.run_config)
+    content = _cipher(settings, context).decrypt_share(msg, _hospital(context))
+    return Message(content=content, reply_to=msg)
+
+
 @app.query("evaluate_kept")
 def evaluate_kept(msg: Message, context: Context) -> Message:
     """The last global model: the weights this hospital kept from the final calibration message,
@@ -141,7 +230,8 @@ def evaluate_kept(msg: Message, context: Context) -> Message:
     settings = RunSettings.from_run_config(context.run_config)
     hospital = _hospital(context)
     metrics = {"hospital": hospital,
-               **_evaluate_previous(_model(settings, context.run_id), msg, context, settings, hospital)}
+               **_evaluate_previous(_model(settings, context.run_id, hospital=hospital), msg, context, settings,
+                                    hospital)}
     # Weighted as an evaluate reply (FedAvg's aggregate_evaluate): by validation examples.
     metrics[WEIGHT_KEY] = metrics.get(VAL_WEIGHT_KEY, 0)
     return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
@@ -153,7 +243,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     settings = RunSettings.from_run_config(context.run_config)
     hospital = _hospital(context)
     start = time.perf_counter()
-    model = _model(settings, context.run_id)
+    model = _model(settings, context.run_id, hospital=hospital)
     model.set_weights(weights_of(msg.content["arrays"], model))
     results, examples = evaluate_locally(model, settings, hospital)
     # The server averages them weighted by examples into the global validation score.

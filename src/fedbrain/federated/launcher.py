@@ -35,11 +35,13 @@ import psutil
 import tomli
 import tomli_w
 
-from fedbrain.config import get, section
-from fedbrain.dataset import load_classes
+from fedbrain.config import get, section, with_variant
+from fedbrain.dataset import hospital_dir, load_classes
 from fedbrain.errors import InputError
 from fedbrain.federated.certificates import Pki, ensure_pki, ensure_supernode_key
 from fedbrain.federated.control import Control
+from fedbrain.federated.encrypted import EncryptionSettings
+from fedbrain.privacy.settings import PrivacySettings
 
 APP_TEMPLATE = Path(__file__).parent / "app" / "pyproject.toml"
 FEDERATION = "local"
@@ -256,8 +258,10 @@ class Federation:
     """
 
     def __init__(self, workdir: Path, pki: Pki | None, echo: Callable[[str], None] = print,
-                 env: dict[str, str] | None = None):
+                 env: dict[str, str] | None = None, paillier_private_key: Path | None = None):
         self.workdir = Path(workdir).resolve()
+        # Encrypted aggregation: the key every hospital's SuperNode is given (never the SuperLink).
+        self.paillier_private_key = paillier_private_key
         self.pki = pki
         self.secure = pki is not None
         self.echo = echo
@@ -353,16 +357,20 @@ class Federation:
 
     def start_supernode(self, hospital: int, *, name: str | None = None, register: bool = True,
                         hospitals: int | None = None, ca_cert: Path | None | str = "default",
-                        auth_key: bool = True) -> Started:
+                        auth_key: bool = True, paillier_key: Path | None | str = "default") -> Started:
         """Start the SuperNode of `hospital` (node config partition-id=<hospital>).
 
         `register=False` skips registering its public key (done already, or, to test the security
-        boundary, never); `ca_cert=None` starts it without the federation's CA certificate.
+        boundary, never); `ca_cert=None` starts it without the federation's CA certificate;
+        `paillier_key` gives it another Paillier private key than the federation's.
         """
         name = name or f"hospital_{hospital}"
         node_config = f"partition-id={hospital} hospital-name=\"{name}\""
         if hospitals is not None:
             node_config += f" num-partitions={hospitals}"
+        key = self.paillier_private_key if paillier_key == "default" else paillier_key
+        if key is not None:
+            node_config += f" paillier-private-key=\"{Path(key).resolve()}\""
         appio = f"{LOOPBACK}:{free_port()}"
         # --isolation process: the ClientApp runs in this hospital's clientapp_runtime process
         # (started below, TensorFlow imported once), not in a new process per message.
@@ -508,7 +516,7 @@ class RunHandle:
 # --- the stage ---------------------------------------------------------------------------------
 
 def run_config(settings: FederatedSettings, params: dict, role: str, processed: Path, partition: Path,
-               out: Path, *, resume: bool, secure: bool) -> dict:
+               out: Path, *, resume: bool, secure: bool, paillier_public_key: Path | None = None) -> dict:
     """One role's run settings as the app's run-config keys (see app/pyproject.toml)."""
     return {
         "processed": str(processed.resolve()),
@@ -532,6 +540,9 @@ def run_config(settings: FederatedSettings, params: dict, role: str, processed: 
         "secure": secure,
         "calibration-images": settings.calibration_images[role],
         "lr-decay": settings.lr_decay,
+        "privacy": json.dumps(PrivacySettings.from_params(params).to_dict()),
+        "secure-aggregation": json.dumps(EncryptionSettings.from_params(section(params, "federated")).to_dict()),
+        "paillier-public-key": str(paillier_public_key.resolve()) if paillier_public_key else "",
     }
 
 
@@ -551,14 +562,48 @@ def _raise_on_sigterm():
     return signal.signal(signal.SIGTERM, handler)
 
 
-def prepare(params: dict, processed: Path, partition: Path, out: Path, resume: bool
-            ) -> tuple[FederatedSettings, list[str], list[int]]:
+def check_privacy(params: dict, settings: FederatedSettings, roles: list[str], partition: Path,
+                  hospitals: list[int], echo: Callable[[str], None]) -> None:
+    """Refuse DP settings that cannot hold before any process starts; print each hospital's plan."""
+    import pandas as pd
+
+    privacy = PrivacySettings.from_params(params)
+    if not privacy.enabled:
+        return
+    for role in roles:
+        training = settings.hospital_training(params, role)
+        if training.get("normalization", "batch") != "group":
+            raise InputError(f"params.yaml: privacy.mode {privacy.mode} needs a network without BatchNormalization "
+                             f"(its statistics mix examples and travel to the server): set "
+                             f"train.{role}.normalization: group")
+        if privacy.mode == "example" and int(training.get("oversample_tumour", 1)) > 1:
+            raise InputError(f"params.yaml: privacy.mode example counts each image once per epoch; set "
+                             f"train.{role}.oversample_tumour: 1 (it repeats tumour slices)")
+    if privacy.mode == "client":
+        if settings.fraction_train < 1.0:
+            raise InputError("params.yaml: privacy.mode client is accounted with every hospital in every round; "
+                             "set federated.fraction_train: 1.0")
+        echo(f"privacy: client level, noise multiplier {privacy.client_noise(settings.rounds):.3f}, "
+             f"clip {privacy.l2_norm_clip} per hospital update (the unit protected is one hospital)")
+        return
+    for k in hospitals:
+        index = pd.read_parquet(hospital_dir(partition, k) / "index.parquet", columns=["split"])
+        examples = int((index["split"] == "train").sum())
+        for role in roles:
+            batch = int(settings.hospital_training(params, role).get("batch_size", 32))
+            plan = privacy.example_plan(examples, batch, settings.local_epochs, settings.rounds)
+            echo(f"privacy: hospital {k} {role}: {plan.describe()}")
+
+
+def prepare(params: dict, processed: Path, partition: Path, out: Path, resume: bool,
+            echo: Callable[[str], None] = print) -> tuple[FederatedSettings, list[str], list[int]]:
     """Check everything a run needs before starting any process."""
     settings = FederatedSettings.from_params(params)
     roles = settings.resolve_roles(processed)
     for role in roles:
         settings.hospital_training(params, role)  # train.<role> must exist
     hospitals = hospitals_in(partition)
+    check_privacy(params, settings, roles, partition, hospitals, echo)
     if len(hospitals) < settings.min_available_nodes:
         raise InputError(f"{partition}: {len(hospitals)} hospital(s) but federated.min_available_nodes is "
                          f"{settings.min_available_nodes}; lower it or partition into more hospitals")
@@ -568,29 +613,39 @@ def prepare(params: dict, processed: Path, partition: Path, out: Path, resume: b
 
 
 def run(params: dict, processed: Path, partition: Path, out: Path, resume: bool = False,
-        insecure: bool = False, echo: Callable[[str], None] = print) -> dict:
+        insecure: bool = False, echo: Callable[[str], None] = print, variant: str | None = None) -> dict:
     """The train-federated stage: FedAvg over the partition's hospitals -> `out`.
 
+    `variant`: params.yaml `variants.<name>` laid over the settings (privacy, encryption).
     Per role (classifier, and segmenter when the data has masks): `out/checkpoints/<role>/`
     every round, then `out/<role>.keras` with its card; `out/history.json` for all roles.
     Returns {role: history}.
     """
     processed, partition, out = Path(processed), Path(partition), Path(out)
-    settings, roles, hospitals = prepare(params, processed, partition, out, resume)
+    params = with_variant(params, variant)
+    settings, roles, hospitals = prepare(params, processed, partition, out, resume, echo)
     state = Path(settings.state_dir).resolve()  # the Flower processes run with another cwd
     workdir = state / "federation" / out.name
     shutil.rmtree(workdir, ignore_errors=True)  # the previous run's logs and app bundles
     if insecure:
         echo(INSECURE_WARNING)
     pki = None if insecure else ensure_pki(state / "pki")
+    encryption = EncryptionSettings.from_params(section(params, "federated"))
+    public_key = private_key = None
+    if encryption.enabled:
+        from fedbrain.secure.paillier import ensure_keys
+
+        # One key pair per federation, beside the TLS material; the private key goes to hospitals only.
+        public_key, private_key = ensure_keys(state / "pki" / "paillier", encryption.key_bits)
+        echo(f"federation: Paillier {encryption.key_bits}-bit encrypted aggregation (public key {public_key})")
     out.mkdir(parents=True, exist_ok=True)
     if not resume:
         (out / "history.json").unlink(missing_ok=True)
     params = tracking_params(params)
 
     previous = _raise_on_sigterm()
-    federation = Federation(workdir, pki, echo=echo,
-                            env={"MLFLOW_TRACKING_URI": params["mlflow"]["tracking_uri"]})
+    federation = Federation(workdir, pki, echo=echo, env={"MLFLOW_TRACKING_URI": params["mlflow"]["tracking_uri"]},
+                            paillier_private_key=private_key)
     statuses = {}
     try:
         echo(f"federation: SuperLink on {federation.fleet_address} (TLS and SuperNode authentication "
@@ -606,7 +661,7 @@ def run(params: dict, processed: Path, partition: Path, out: Path, resume: bool 
         for role in roles:
             config = run_config(settings, params, role, processed, partition, out,
                                 resume=resume and (out / "checkpoints" / role / "state.json").is_file(),
-                                secure=not insecure)
+                                secure=not insecure, paillier_public_key=public_key)
             clock = time.perf_counter()
             handle = federation.submit(config)
             statuses[role] = status = handle.wait()

@@ -54,11 +54,14 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
+from fedbrain.federated.encrypted import EncryptedAggregation, EncryptionSettings
 from fedbrain.federated.strategy import HospitalFedAvg, content_bytes
 from fedbrain.federated.task import (PREVIOUS_STATISTICS, VAL_WEIGHT_KEY, WEIGHT_KEY, RunSettings,
                                     batch_norm_layers, build, lr_scale, set_batch_norm_statistics,
                                     weights_of, weights_record)
 from fedbrain.federated.waits import limit_object_pulls, shorten_object_pulls
+from fedbrain.privacy.budget import PRIVACY_KEYS, PrivacyLedger
+from fedbrain.secure.audit import AuditLog, reply_entry
 
 app = ServerApp()
 
@@ -126,6 +129,7 @@ class RoundRecord:
     wall_time_s: float = 0.0       # from the round's start to the next round's
     train_phase_s: float = 0.0
     calibration_phase_s: float = 0.0  # only the last round has a calibration exchange of its own
+    decryption_phase_s: float = 0.0   # encrypted aggregation: adding ciphertexts and shared decryption
     evaluate_phase_s: float = 0.0     # only the last round has an evaluation exchange of its own
     bytes_down: int = 0
     bytes_up: int = 0
@@ -147,6 +151,7 @@ class RoundRecord:
         flat = {k: v for k, v in self.metrics.items() if not k.startswith("val_")}
         flat.update({"round_time_s": self.wall_time_s, "train_phase_s": self.train_phase_s,
                      "calibration_phase_s": self.calibration_phase_s,
+                     "decryption_phase_s": self.decryption_phase_s,
                      "bytes_down": self.bytes_down, "bytes_up": self.bytes_up,
                      "nodes_online": self.nodes_online,
                      "nodes_trained": sum(1 for h in self.hospitals.values() if "train_time_s" in h),
@@ -197,7 +202,7 @@ def _failures(strategy: HospitalFedAvg, unanswered: list[Message], known: dict[i
 
 def _add_times(hospital: dict, report: dict) -> None:
     """Add a reply's calibration and evaluation seconds to the hospital's figures for the round."""
-    for name in ("calibration", "evaluation"):
+    for name in ("calibration", "evaluation", "encryption"):
         if f"{name}-time-s" in report:
             key = f"{name}_time_s"
             hospital[key] = hospital.get(key, 0.0) + float(report[f"{name}-time-s"])
@@ -224,15 +229,27 @@ def pool_batch_norm_statistics(replies: list[tuple[int, list]]) -> list:
 
 def hospital_round(grid: Grid, strategy: HospitalFedAvg, settings: RunSettings, record: RoundRecord,
                    arrays: ArrayRecord, previous: tuple[int, list] | None, known: dict[int, int],
-                   train: bool, while_waiting: Callable[[], None] | None = None
+                   train: bool, while_waiting: Callable[[], None] | None = None,
+                   encrypted: EncryptedAggregation | None = None
                    ) -> tuple[ArrayRecord | None, list | None, Evaluation | None]:
     """One exchange with the hospitals (see the module docstring): send `arrays` (the global
     weights before BatchNormalization calibration) and `previous` (round, pooled statistics) of the
     last global model, do `while_waiting` while the hospitals work; returns (the averaged updates,
     or None without training; the pooled statistics of `arrays`, or None if no hospital sent any;
-    the evaluation of `previous`).
+    the evaluation of `previous`). `encrypted`: the hospitals send ciphertexts (encrypted.py), which
+    take one more exchange to open (and one to learn the counts of hospitals not seen before).
     """
     start = time.perf_counter()
+
+    def side_exchange(messages: list[Message], phase: str) -> tuple[list[Message], list[Message]]:
+        record.bytes_down += sum(content_bytes(m) for m in messages)
+        got, missing = exchange(grid, strategy, messages, settings.round_timeout)
+        for reply in got:
+            record.bytes_up += content_bytes(reply)
+            if strategy.on_reply is not None:
+                strategy.on_reply(record.round, phase, reply.metadata.src_node_id, reply)
+        return got, missing
+
     # weights-round: whose global model `arrays` are (round r's average trains in round r + 1).
     config = ConfigRecord({"server-round": record.round, "lr-scale": lr_scale(settings, record.round),
                            "weights-round": record.round - 1 if train else record.round})
@@ -244,14 +261,29 @@ def hospital_round(grid: Grid, strategy: HospitalFedAvg, settings: RunSettings, 
         online = wait_for_nodes(grid, settings.min_available_nodes, settings.node_wait_timeout)
         content = RecordDict({"arrays": arrays, "config": config})
         messages = [Message(content=content, message_type=CALIBRATE, dst_node_id=node) for node in online]
-    if previous is not None and messages:
+    if previous is not None and previous[1] and messages:
         messages[0].content[PREVIOUS_STATISTICS] = ArrayRecord(previous[1])  # the messages share one content
+    if encrypted is not None:
+        messages = encrypted.prepare(side_exchange, messages)
+        known.update(encrypted.hospitals)
     record.bytes_down += sum(content_bytes(m) for m in messages)
     replies, unanswered = exchange(grid, strategy, messages, settings.round_timeout, while_waiting)
-    if train:
+    pooled_secure = None
+    if encrypted is not None:
+        strategy.collect("train" if train else "calibrate", replies, record.round)
+        received = [(strategy.destinations.get(m.metadata.reply_to_message_id, m.metadata.src_node_id), m)
+                    for m in replies if not m.has_error()]
+        (flat,) = arrays.to_numpy_ndarrays()
+        clock = time.perf_counter()
+        update, pooled_secure = encrypted.aggregate(side_exchange, received, record.round, flat.size,
+                                                 strategy.phase.failures)
+        record.decryption_phase_s += time.perf_counter() - clock
+        new_arrays = ArrayRecord([flat + update.astype(np.float32)]) if train and update is not None else None
+        averaged = strategy.phase.averaged_metrics()
+    elif train:
         new_arrays, averaged = strategy.aggregate_train(record.round, replies)
     else:
-        strategy.collect("calibrate", replies)
+        strategy.collect("calibrate", replies, record.round)
         new_arrays, averaged = None, strategy.phase.averaged_metrics()
     record.bytes_up += strategy.phase.bytes_up
     record.failures += _failures(strategy, unanswered, known, settings, record.round)
@@ -264,7 +296,8 @@ def hospital_round(grid: Grid, strategy: HospitalFedAvg, settings: RunSettings, 
             hospital.update({"examples": int(report.get(WEIGHT_KEY, 0)),
                              "train_time_s": float(report.get("train-time-s", 0.0)),
                              "epochs_run": int(report.get("epochs-run", 0)),
-                             **_metric_values(report, ("train_", "local_val_"))})
+                             **_metric_values(report, ("train_", "local_val_")),
+                             **{key: float(report[key]) for key in PRIVACY_KEYS if key in report}})
         if evaluation is not None and report.get(VAL_WEIGHT_KEY, 0) > 0:
             evaluation.hospitals[k] = {"val_examples": int(report[VAL_WEIGHT_KEY]),
                                        **_metric_values(report, ("val_",))}
@@ -277,7 +310,13 @@ def hospital_round(grid: Grid, strategy: HospitalFedAvg, settings: RunSettings, 
     if evaluation is not None:
         evaluation.metrics = {k: v for k, v in averaged.items() if k.startswith("val_")}
     statistics = list(strategy.phase.statistics.values())
-    pooled = pool_batch_norm_statistics(statistics) if statistics and sum(n for n, _ in statistics) else None
+    if statistics and sum(n for n, _ in statistics):
+        pooled = pool_batch_norm_statistics(statistics)
+    elif pooled_secure is not None:
+        pooled = pooled_secure
+    else:  # [] for a model without BatchNormalization (hospitals replied, sending none); None: nobody did
+        has_statistics = encrypted.statistics_sizes if encrypted is not None else statistics
+        pooled = [] if strategy.phase.reports and not has_statistics else None
     if train and new_arrays is None:
         log(WARNING, "round %d: no hospital returned an update; the global model is unchanged", record.round)
         new_arrays = arrays
@@ -393,10 +432,14 @@ class Tracking:
     def log(self, metrics: dict, step: int) -> None:
         self.tracking.log_metrics(metrics, step=step)
 
-    def finish_run(self, model, path: Path, failures: list[dict], state: dict) -> None:
-        """Failures as a metric, a tag and a file; the rounds' records; the model and its card."""
+    def finish_run(self, model, path: Path, failures: list[dict], state: dict, audit: AuditLog) -> None:
+        """Failures as a metric, a tag and a file; the rounds' records; the audit log, with its entry
+        count and last hash as tags (the anchor that shows a cut tail); the model and its card."""
         self.tracking.log_metrics({"failures": len(failures)})
         self.mlflow.set_tag("failures", str(len(failures)))
+        entries, last = audit.head()
+        self.mlflow.set_tags({"audit_entries": str(entries), "audit_last_sha256": last})
+        self.mlflow.log_artifact(str(audit.path), artifact_path="audit")
         self.mlflow.log_dict({"failures": failures, "initial": state["initial"], "rounds": state["rounds"]},
                              "federation/rounds.json")
         if self.settings.params.get("mlflow", {}).get("log_models", True):
@@ -422,6 +465,7 @@ class GlobalModels:
     def __init__(self, settings: RunSettings, model, checkpoints: Checkpoints, tracking: Tracking, state: dict):
         self.settings, self.model, self.checkpoints, self.tracking, self.state = (
             settings, model, checkpoints, tracking, state)
+        self.last_round = settings.rounds  # earlier when the privacy budget ends the run
 
     def record_of(self, server_round: int) -> dict:
         return self.state["rounds"][server_round - 1] if server_round >= 1 else self.state["initial"]
@@ -451,7 +495,7 @@ class GlobalModels:
         round's figures if `log_round` (the last round's are logged with its evaluation)."""
         self.state["round"] = server_round
         self.checkpoints.save(self.model, server_round, self.state)
-        if log_round and server_round < self.settings.rounds:
+        if log_round and server_round < self.last_round:
             self.tracking.log(RoundRecord(**self.record_of(server_round)).round_metrics(), server_round)
             _log_round(self.settings, self.state)
 
@@ -491,8 +535,9 @@ def main(grid: Grid, context: Context) -> None:
                  "initial": {"metrics": {}, "hospitals": {}}}
     known = {int(node): k for node, k in state["node_hospital"].items()}
 
-    tags = {"task": settings.task, "model": settings.model, "training": "federated", "privacy": "none",
-            "strategy": "fedavg", "secure": str(settings.secure).lower(), "role": settings.role}
+    tags = {"task": settings.task, "model": settings.model, "training": "federated", "privacy": settings.privacy.mode,
+            "strategy": "fedavg", "secure": str(settings.secure).lower(), "role": settings.role,
+            "aggregation": "paillier" if settings.encrypted else "plaintext"}
     tracking = Tracking(settings, state["run_id"], tags)
     state["run_id"] = tracking.run_id
     if first == 1:
@@ -503,11 +548,27 @@ def main(grid: Grid, context: Context) -> None:
                              "federated.secure": settings.secure,
                              "model.parameters": model.count_params()})
 
+    ledger = PrivacyLedger(settings.privacy, rounds=settings.rounds)
+    client_dp = ((settings.privacy.client_noise(settings.rounds), settings.privacy.l2_norm_clip)
+                 if settings.privacy.mode == "client" else None)
     strategy = HospitalFedAvg(fraction_train=settings.fraction_train, fraction_evaluate=settings.fraction_evaluate,
                               min_train_nodes=settings.min_train_nodes,
                               min_evaluate_nodes=settings.min_evaluate_nodes,
-                              min_available_nodes=settings.min_available_nodes)
+                              min_available_nodes=settings.min_available_nodes, client_dp=client_dp)
     global_models = GlobalModels(settings, model, checkpoints, tracking, state)
+    # One line per reply received, hash-chained (fedbrain audit verify); a resumed run continues it.
+    audit_path = settings.out / "audit" / f"{settings.role}.jsonl"
+    if first == 1:
+        audit_path.unlink(missing_ok=True)
+    audit = AuditLog(audit_path)
+    encryption = None
+    aggregation = "fedavg"
+    if settings.encrypted:
+        sizes = [int(v.shape[-1]) for layer in batch_norm_layers(model) for v in (layer.moving_mean,) * 2]
+        encryption = EncryptedAggregation(settings.paillier_public_key, EncryptionSettings(**settings.encryption), sizes)
+        aggregation = "paillier"
+    strategy.on_reply = lambda server_round, phase, node, reply: audit.append(
+        reply_entry(server_round, phase, node, known.get(node), reply, aggregation))
     # The weights the hospitals get next (the initial or resumed model, then each round's average)
     # and the last finished global model the next message lets them evaluate: (round, statistics).
     arrays = weights_record(model.get_weights())
@@ -518,6 +579,12 @@ def main(grid: Grid, context: Context) -> None:
     finish: Callable[[], None] | None = None
     try:
         for server_round in range(first, settings.rounds + 1):
+            if (reason := ledger.stop_before(server_round)) is not None:
+                global_models.last_round = server_round - 1
+                log(WARNING, "[%s] privacy budget: stopping after round %d of %d: %s", settings.role,
+                    server_round - 1, settings.rounds, reason)
+                tracking.mlflow.set_tag("stopped_by_budget", reason)
+                break
             log(INFO, "[%s] round %d/%d", settings.role, server_round, settings.rounds)
             start = time.perf_counter()
             # FedAvg's own sampling would wait for these forever; we wait with a deadline.
@@ -525,7 +592,8 @@ def main(grid: Grid, context: Context) -> None:
                                     settings.node_wait_timeout)
             record = RoundRecord(round=server_round, nodes_online=len(online))
             new_arrays, pooled, evaluation = hospital_round(grid, strategy, settings, record, arrays, previous,
-                                                            known, train=True, while_waiting=finish)
+                                                            known, train=True, while_waiting=finish, encrypted=encryption)
+            record.metrics.update(ledger.record(server_round, record.hospitals))
             state["node_hospital"] = {str(n): k for n, k in known.items()}
             finish = functools.partial(global_models.finish, evaluation, pending, arrays, pooled, server_round - 1)
             previous = (server_round - 1, pooled or [])
@@ -533,17 +601,17 @@ def main(grid: Grid, context: Context) -> None:
             record.wall_time_s = time.perf_counter() - start
         # The last round's figures are logged with its evaluation (its wall time includes it).
         last_unevaluated = pending is not None or (bool(state["rounds"]) and not _has_val(state["rounds"][-1])
-                                                    and state["rounds"][-1]["round"] == settings.rounds)
+                                                    and state["rounds"][-1]["round"] == global_models.last_round)
         if pending is not None:
             # Nothing comes after the last round to calibrate its average: ask for it, then evaluate
             # it with the weights the hospitals kept from that message.
             start = time.perf_counter()
             _, pooled, evaluation = hospital_round(grid, strategy, settings, pending, arrays, previous, known,
-                                                   train=False, while_waiting=finish)
+                                                   train=False, while_waiting=finish, encrypted=encryption)
             pending.wall_time_s += time.perf_counter() - start
             global_models.evaluated(evaluation)
-            global_models.complete(pending, arrays, pooled, settings.rounds)
-            save_last = functools.partial(global_models.save, settings.rounds, log_round=False)
+            global_models.complete(pending, arrays, pooled, global_models.last_round)
+            save_last = functools.partial(global_models.save, global_models.last_round, log_round=False)
             if pooled is not None:
                 global_models.evaluated(evaluate_global_model(grid, strategy, settings, state["rounds"][-1], known,
                                                               statistics=pooled, while_waiting=save_last))
@@ -557,7 +625,7 @@ def main(grid: Grid, context: Context) -> None:
                 global_models.evaluated(evaluate_global_model(grid, strategy, settings, record, known,
                                                               arrays=weights_record(saved.get_weights())))
         if last_unevaluated:
-            tracking.log(RoundRecord(**state["rounds"][-1]).round_metrics(), settings.rounds)
+            tracking.log(RoundRecord(**state["rounds"][-1]).round_metrics(), global_models.last_round)
         checkpoints.save_state(state)
         _log_round(settings, state)
     except BaseException:
@@ -567,13 +635,16 @@ def main(grid: Grid, context: Context) -> None:
     failures = [f | {"round": r["round"]} for r in state["rounds"] for f in r["failures"]]
     history = history_of(state["rounds"])
     info = load_classes(settings.processed)
-    card = {"task": settings.task, "model": settings.model, "training": "federated", "privacy": "none",
-            "epsilon": None, "classes": info["classes"], "run_id": tracking.run_id, "strategy": "fedavg",
-            "rounds": settings.rounds, "local_epochs": settings.local_epochs, "history": history,
+    card = {"task": settings.task, "model": settings.model, "training": "federated", **ledger.card(),
+            "classes": info["classes"], "run_id": tracking.run_id, "strategy": "fedavg", "aggregation": aggregation,
+            "rounds": global_models.last_round, "rounds_planned": settings.rounds,
+            "local_epochs": settings.local_epochs, "history": history,
             "initial": state["initial"], "round_records": state["rounds"], "failures": failures}
+    card["audit_log"] = audit.path.relative_to(settings.out).as_posix()
+    card["audit_entries"], card["audit_last_sha256"] = audit.head()
     path = settings.out / f"{settings.role}.keras"
     save_model(model, path, card)
-    tracking.finish_run(model, path, failures, state)
+    tracking.finish_run(model, path, failures, state, audit)
     histories_path = settings.out / "history.json"
     histories = json.loads(histories_path.read_text()) if histories_path.is_file() else {}
     histories[settings.role] = history

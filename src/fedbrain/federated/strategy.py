@@ -11,11 +11,11 @@ or one that joined after the model it would evaluate was sent, has no val_* to a
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from flwr.app import Message, MetricRecord, RecordDict
-from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping, FedAvg
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
 from fedbrain.federated.task import CALIBRATION_WEIGHT_KEY, META_KEYS, STATISTICS, VAL_WEIGHT_KEY, WEIGHT_KEY
@@ -68,21 +68,43 @@ class Phase:
 
 
 class HospitalFedAvg(FedAvg):
-    """FedAvg that remembers each hospital's report and each failure of the current phase."""
+    """FedAvg that remembers each hospital's report and each failure of the current phase.
 
-    def __init__(self, **kwargs):
+    `client_dp=(noise_multiplier, clipping_norm)`: client-level DP through Flower's
+    DifferentialPrivacyClientSideFixedClipping (the hospitals clip their round update with
+    fixedclipping_mod, the server adds Gaussian noise of std noise_multiplier * clip / m to the
+    mean of the m updates). Two choices keep that noise sufficient: the mean is unweighted (with
+    examples-weighting one hospital could move it by more than clip / m), and m is the number of
+    updates actually averaged that round, not the number sampled (a hospital that failed would
+    otherwise leave the noise scaled for more updates than there are).
+    """
+
+    def __init__(self, client_dp: tuple[float, float] | None = None, **kwargs):
         super().__init__(weighted_by_key=WEIGHT_KEY, train_metrics_aggr_fn=average_metrics,
                          evaluate_metrics_aggr_fn=average_metrics, **kwargs)
         self.phase = Phase("idle")
         # message id -> the node it was sent to, set by whoever pushes the messages
         self.destinations: dict[str, int] = {}
+        # Called with (round, phase, node, reply) for every reply collected: the audit log.
+        self.on_reply: Callable[[int, str, int, Message], None] | None = None
+        self.client_dp = None
+        if client_dp is not None:
+            inner = FedAvg(weighted_by_key=WEIGHT_KEY, **kwargs)
+            self.client_dp = DifferentialPrivacyClientSideFixedClipping(inner, client_dp[0], client_dp[1], 1)
 
-    def collect(self, phase: str, replies: Iterable[Message]) -> list[Message]:
+    def configure_train(self, server_round, arrays, config, grid):
+        if self.client_dp is not None:  # sends the clipping norm with the weights
+            return self.client_dp.configure_train(server_round, arrays, config, grid)
+        return super().configure_train(server_round, arrays, config, grid)
+
+    def collect(self, phase: str, replies: Iterable[Message], server_round: int = 0) -> list[Message]:
         """Record a phase's reports and failures; return the replies that carry examples."""
         self.phase = Phase(phase)
         usable = []
         for msg in replies:
             node = self.destinations.get(msg.metadata.reply_to_message_id, msg.metadata.src_node_id)
+            if self.on_reply is not None:
+                self.on_reply(server_round, phase, node, msg)
             if msg.has_error():
                 self.phase.failures.append({"node_id": node, "phase": phase, "reason": msg.error.reason})
                 continue
@@ -101,15 +123,23 @@ class HospitalFedAvg(FedAvg):
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
         """(The examples-weighted average of the updates, the averaged metrics)."""
         updates = []
-        for msg in self.collect("train", replies):
+        for msg in self.collect("train", replies, server_round):
             # FedAvg wants one ArrayRecord and the same metric keys in every reply: give it the
             # update and its weight; the metrics are averaged from the reports (Phase.averaged_metrics).
             examples = next(iter(msg.content.metric_records.values()))[WEIGHT_KEY]
+            if self.client_dp is not None:
+                examples = 1  # the unweighted mean (see the class docstring)
             msg.content = RecordDict({"arrays": msg.content.array_records["arrays"],
                                       "metrics": MetricRecord({WEIGHT_KEY: examples})})
             updates.append(msg)
-        arrays, _ = super().aggregate_train(server_round, updates)
+        if self.client_dp is not None:
+            if not updates:
+                return None, self.phase.averaged_metrics()
+            self.client_dp.num_sampled_clients = len(updates)
+            arrays, _ = self.client_dp.aggregate_train(server_round, updates)
+        else:
+            arrays, _ = super().aggregate_train(server_round, updates)
         return arrays, self.phase.averaged_metrics()
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]):
-        return super().aggregate_evaluate(server_round, self.collect("evaluate", replies))
+        return super().aggregate_evaluate(server_round, self.collect("evaluate", replies, server_round))

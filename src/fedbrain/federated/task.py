@@ -19,6 +19,8 @@ import numpy as np
 from fedbrain.config import get
 from fedbrain.dataset import Split, load_classes, load_split
 from fedbrain.errors import InputError
+from fedbrain.privacy.budget import PRIVACY_KEYS
+from fedbrain.privacy.settings import PrivacySettings
 
 ROLES = {"classifier": "classification", "segmenter": "segmentation"}
 # Keys of a MetricRecord that describe the reply rather than the model: never averaged.
@@ -32,7 +34,8 @@ PREVIOUS_STATISTICS = "previous-statistics"
 # BatchNormalization statistics are pooled weighted by the training images they stand for.
 CALIBRATION_WEIGHT_KEY = "calibration-images"
 META_KEYS = (WEIGHT_KEY, VAL_WEIGHT_KEY, CALIBRATION_WEIGHT_KEY, "hospital", "train-time-s", "epochs-run",
-             "calibration-time-s", "evaluation-time-s")
+             "calibration-time-s", "evaluation-time-s", "encryption-time-s", "decryption-time-s", "ciphertexts",
+             *PRIVACY_KEYS)
 
 
 @dataclass(frozen=True)
@@ -61,6 +64,9 @@ class RunSettings:
     secure: bool
     calibration_images: int
     lr_decay: str
+    privacy: PrivacySettings
+    encryption: dict          # federated.secure_aggregation + federated.paillier (encrypted.EncryptionSettings)
+    paillier_public_key: str  # the federation's public key file; the ServerApp gets nothing more
 
     @classmethod
     def from_run_config(cls, cfg) -> RunSettings:
@@ -94,7 +100,14 @@ class RunSettings:
             secure=bool(cfg["secure"]),
             calibration_images=int(cfg["calibration-images"]),
             lr_decay=str(cfg["lr-decay"]),
+            privacy=PrivacySettings.from_dict(json.loads(str(cfg.get("privacy", "{}")))),
+            encryption=json.loads(str(cfg.get("secure-aggregation", "{}"))),
+            paillier_public_key=str(cfg.get("paillier-public-key", "")),
         )
+
+    @property
+    def encrypted(self) -> bool:
+        return self.encryption.get("mode", "none") == "paillier"
 
     @property
     def learning_rate(self) -> float:
@@ -113,8 +126,10 @@ def lr_scale(settings: RunSettings, server_round: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * (server_round - 1) / settings.rounds))
 
 
-def build(settings: RunSettings, compiled: bool = True, learning_rate: float | None = None):
-    """The role's network for this dataset's image shape and classes (compiled as the baseline is)."""
+def build(settings: RunSettings, compiled: bool = True, learning_rate: float | None = None,
+          noise_multiplier: float | None = None):
+    """The role's network for this dataset's image shape and classes (compiled as the baseline is;
+    with `noise_multiplier`, for DP-SGD at privacy.l2_norm_clip)."""
     from fedbrain.models import build_model
     from fedbrain.train import compile_model
 
@@ -126,7 +141,12 @@ def build(settings: RunSettings, compiled: bool = True, learning_rate: float | N
         module, function = settings.model.split(":", 1)
         model = getattr(importlib.import_module(module), function)(shape, len(info["classes"]))
     else:
-        model = build_model(settings.model, shape, len(info["classes"]), settings.weights)
+        model = build_model(settings.model, shape, len(info["classes"]), settings.weights,
+                            normalization=str(settings.train_params.get("normalization", "batch")))
+    if noise_multiplier is not None:
+        from fedbrain.privacy.dp_sgd import private_model
+
+        model = private_model(model, settings.privacy.l2_norm_clip, noise_multiplier, role=settings.role)
     if compiled:
         compile_model(model, settings.task, learning_rate or settings.learning_rate,
                       label_smoothing=float(settings.train_params.get("label_smoothing", 0.0)))

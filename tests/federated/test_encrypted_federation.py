@@ -1,0 +1,190 @@
+"""Paillier encrypted aggregation in a real federation on loopback (TLS, SuperNode authentication).
+
+What the server received is read from the run's audit log, which names every array of every reply
+(name, dtype, shape; never values): in an encrypted run, the hospitals' weights and BatchNorm
+statistics arrive as ciphertexts only, and the private key is given to no server-side process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from mlflow.tracking import MlflowClient
+
+from fedbrain.federated import encrypted, launcher
+from fedbrain.federated.certificates import ensure_pki
+from fedbrain.federated.launcher import Federation
+from fedbrain.secure import paillier
+
+from federated_data import federated_params, make_federated_data
+from test_federation import federation_processes, trained, wait_until
+
+TESTS_DIR = Path(__file__).resolve().parent
+
+
+@pytest.fixture(autouse=True)
+def _tiny_model_and_own_mlflow(monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(TESTS_DIR), os.environ.get("PYTHONPATH")])))
+    monkeypatch.setenv("TF_NUM_INTRAOP_THREADS", "1")
+    monkeypatch.setenv("TF_NUM_INTEROP_THREADS", "1")
+
+
+def paillier_params(tmp_path: Path, rounds: int, model: str = "tiny_model:build") -> dict:
+    params = federated_params(tmp_path, rounds=rounds, secure_aggregation="paillier")
+    params["train"]["classifier"]["model"] = model
+    return params
+
+
+def audit_lines(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "audit" / "classifier.jsonl").read_text().splitlines()]
+
+
+def test_server_receives_only_ciphertexts_and_never_the_private_key(tmp_path):
+    processed, partition = make_federated_data(tmp_path / "data", hospitals=3)
+    params = paillier_params(tmp_path, rounds=2)  # tiny_model:build has BatchNorm: statistics travel too
+    out = tmp_path / "models" / "federated" / "paillier"
+    during = []
+
+    def echo(line: str) -> None:
+        if "round 1 done" in line and not during:
+            for proc in federation_processes(tmp_path):
+                try:
+                    during.append((" ".join(proc.cmdline()), proc.environ()))
+                except Exception:
+                    pass
+
+    launcher.run(params, processed, partition, out, echo=echo)
+
+    keys = tmp_path / ".fedbrain" / "pki" / "paillier"
+    private_key = keys / "paillier_private.json"
+    assert oct(private_key.stat().st_mode & 0o777) == "0o600"
+    # Only the hospitals' SuperNodes are told where the private key is; no server-side process is.
+    holders = [cmd for cmd, env in during if str(private_key) in cmd or any(str(private_key) in v for v in env.values())]
+    assert len(holders) == 3 and all("fedbrain.federated.supernode" in cmd for cmd in holders), holders
+    assert any("flwr-serverapp" in cmd for cmd, _ in during) and any("flower-superlink" in cmd for cmd, _ in during)
+    run_config = (tmp_path / ".fedbrain" / "federation" / "paillier" / "run_config.toml").read_text()
+    assert "paillier_public.json" in run_config and "paillier_private" not in run_config
+
+    lines = audit_lines(out)
+    from_hospitals = [e for e in lines if e["phase"] in ("train", "calibrate")]
+    assert {(e["round"], e["phase"]) for e in from_hospitals} == {(1, "train"), (2, "train"), (2, "calibrate")}
+    for entry in from_hospitals:
+        assert entry["status"] == "received", entry
+        names = [part.split(":")[0] for part in entry["arrays"].split()]
+        # Weights and statistics arrive as ciphertexts (2048-bit key: 512 bytes each), nothing else.
+        assert names and all(name.endswith("-ciphertexts/0") for name in names), entry
+        assert all(part.endswith("x512]") and ":uint8[" in part for part in entry["arrays"].split()), entry
+    assert {e["phase"] for e in lines} >= {"examples", "decrypt"}
+    # The run's record and MLflow: the aggregation mode, the decryption time, bytes per round.
+    card = json.loads((out / "classifier.json").read_text())
+    assert card["aggregation"] == "paillier" and card["failures"] == []
+    assert all(trained(r) == {"0", "1", "2"} and r["decryption_phase_s"] > 0 for r in card["round_records"])
+    client = MlflowClient(tracking_uri=params["mlflow"]["tracking_uri"])
+    (run,) = client.search_runs([client.get_experiment_by_name("fedbrain-test").experiment_id])
+    assert run.data.tags["aggregation"] == "paillier"
+    assert int(run.data.tags["audit_entries"]) == len(lines)
+    # The audit log verifies, and is the run's artifact.
+    check = subprocess.run([sys.executable, "-m", "fedbrain.cli", "audit", "verify", str(out / "audit" / "classifier.jsonl")],
+                           capture_output=True, text=True)
+    assert check.returncode == 0 and "intact" in check.stdout, check.stdout + check.stderr
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "audit")] == ["audit/classifier.jsonl"]
+    # The decrypted average made a usable model: BatchNorm statistics pooled, predictions finite.
+    model = tf.keras.models.load_model(out / "classifier.keras", compile=False)
+    probabilities = model.predict(np.load(processed / "images.npy")[:4], verbose=0)
+    assert np.allclose(probabilities.sum(axis=1), 1.0, atol=1e-5)
+
+
+def test_a_hospital_with_another_key_is_refused_and_the_round_goes_on(tmp_path):
+    processed, partition = make_federated_data(tmp_path / "data", hospitals=3)
+    params = paillier_params(tmp_path, rounds=1, model="tiny_model:build_plain")
+    params["federated"]["min_available_nodes"] = 3  # the round waits for the hospital with the other key
+    params = launcher.tracking_params(params)
+    out = tmp_path / "models" / "federated" / "paillier"
+    public, private = paillier.ensure_keys(tmp_path / "keys", 2048)
+    _, other = paillier.ensure_keys(tmp_path / "other_keys", 2048)
+    settings, _, _ = launcher.prepare(params, processed, partition, out, resume=False)
+    config = launcher.run_config(settings, params, "classifier", processed, partition, out, resume=False, secure=True,
+                                 paillier_public_key=public)
+    with Federation(tmp_path / "run", ensure_pki(tmp_path / "pki"), paillier_private_key=private) as federation:
+        federation.start_superlink()
+        federation.register("hospital_2")
+        federation.start_supernodes([0, 1])
+        federation.start_supernode(2, register=False, paillier_key=other)
+        status = federation.submit(config).wait()
+    assert status == "finished:completed"
+    card = json.loads((out / "classifier.json").read_text())
+    (record,) = card["round_records"]
+    assert trained(record) == {"0", "1"}
+    # Refused in the round's train message and in the last model's calibration message, by name.
+    assert [(f["hospital"], f["phase"]) for f in card["failures"]] == [(2, "train"), (2, "calibrate")]
+    assert all("hospital 2, round 1: this hospital's Paillier key" in f["reason"] and
+               "is not the federation's" in f["reason"] for f in card["failures"]), card["failures"]
+
+
+def _reply(node: int, content: RecordDict) -> Message:
+    msg = Message(content, dst_node_id=node, message_type="train")
+    return Message(content, reply_to=msg)
+
+
+def test_malformed_or_altered_ciphertexts_end_the_round_with_the_hospitals_named(tmp_path):
+    """The server's aggregation with the hospitals' real encryption and decryption (in-process)."""
+    public_path, private_path = paillier.ensure_keys(tmp_path / "keys", 2048)
+    settings = encrypted.EncryptionSettings(mode="paillier")
+    cipher = encrypted.HospitalCipher(str(private_path), settings)
+    aggregation = encrypted.EncryptedAggregation(str(public_path), settings, statistics_sizes=[])
+    aggregation.examples, aggregation.total = {1: 30, 2: 10}, 40
+    config = ConfigRecord({encrypted.KEY: aggregation.fingerprint, encrypted.TOTAL: 40, "server-round": 1})
+    rng = np.random.default_rng(0)
+    updates = {1: rng.normal(0, 0.01, 500), 2: rng.normal(0, 0.01, 500)}
+
+    def replies(alter=None):
+        out = []
+        for node, update in updates.items():
+            content = RecordDict({"metrics": MetricRecord({"num-examples": aggregation.examples[node],
+                                                           "calibration-images": aggregation.examples[node]})})
+            cipher.encrypt_reply(content, config, update, [], aggregation.examples[node], node, 1)
+            if alter and node == alter[0]:
+                (array,) = content[encrypted.UPDATE].to_numpy_ndarrays()
+                content[encrypted.UPDATE] = ArrayRecord([alter[1](array.copy())])
+            out.append((node, _reply(node, content)))
+        return out
+
+    def exchange(messages, phase):  # each hospital decrypts its share, as in a federation
+        out = []
+        for m in messages:
+            reply = Message(cipher.decrypt_share(m, m.metadata.dst_node_id), reply_to=m)
+            out.append(reply)
+        return out, []
+
+    failures = []
+    mean, _ = aggregation.aggregate(exchange, replies(), 1, 500, failures)
+    exact = (30 * updates[1] + 10 * updates[2]) / 40
+    assert failures == [] and np.max(np.abs(mean - exact)) <= settings.packings()[0].error_bound(2)
+
+    def truncate(array):
+        return array[:, :-3]
+
+    mean, _ = aggregation.aggregate(exchange, replies(alter=(2, truncate)), 1, 500, failures)
+    assert [f["node_id"] for f in failures] == [2] and "malformed ciphertexts" in failures[0]["reason"]
+    # Hospital 1 alone: its values were sent times 30 / 40, so the rounding error grows by 40 / 30.
+    assert mean is not None and np.max(np.abs(mean - updates[1])) <= settings.packings()[0].error_bound(1) * 40 / 30
+
+    def flip_a_byte(array):
+        array[0, 100] ^= 0x40
+        return array
+
+    failures = []
+    mean, _ = aggregation.aggregate(exchange, replies(alter=(1, flip_a_byte)), 1, 500, failures)
+    assert mean is None
+    assert sorted(f["node_id"] for f in failures) == [1, 2]
+    assert all("integrity check" in f["reason"] for f in failures)

@@ -33,6 +33,7 @@ import federated  # noqa: E402
 import numpy as np  # noqa: E402
 
 from fedbrain.federated import launcher, task  # noqa: E402
+from fedbrain.federated.settings import FederatedSettings  # noqa: E402
 
 HOSPITAL = 0
 REPEATS = 3
@@ -64,7 +65,7 @@ def settings_for(role: str) -> task.RunSettings:
     params = federated.bench_params(root, partition, role, {})
     processed, parts = centralized.prepare(name, root, params)
     federated.check_partition(parts, partition)
-    fed = launcher.FederatedSettings.from_params(params)
+    fed = FederatedSettings.from_params(params)
     config = launcher.run_config(fed, params, role, processed, parts, centralized.WORK / "calibration",
                                  resume=False, secure=True)
     return task.RunSettings.from_run_config(config)

@@ -37,7 +37,7 @@ import numpy as np  # noqa: E402
 
 from fedbrain.secure.packing import Packing, pack, unpack  # noqa: E402
 from fedbrain.secure.paillier import (  # noqa: E402
-    Encryptor, add_encrypted, decrypt_range, encryptor, ensure_keys, from_array, load_private_key,
+    Encryptor, add_encrypted, decrypt_range, encryptor, ensure_keys, load_private_key,
     load_public_key, share_ranges, to_array,
 )
 

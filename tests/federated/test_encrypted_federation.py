@@ -25,7 +25,7 @@ from fedbrain.federated.launcher import Federation
 from fedbrain.secure import paillier
 
 from federated_data import federated_params, make_federated_data
-from test_federation import federation_processes, trained, wait_until
+from test_federation import federation_processes, trained
 
 TESTS_DIR = Path(__file__).resolve().parent
 
@@ -188,3 +188,43 @@ def test_malformed_or_altered_ciphertexts_end_the_round_with_the_hospitals_named
     assert mean is None
     assert sorted(f["node_id"] for f in failures) == [1, 2]
     assert all("integrity check" in f["reason"] for f in failures)
+
+
+def test_dp_sgd_and_paillier_together_and_a_budget_stop_keeps_a_usable_model(tmp_path):
+    """The secure setting: every hospital trains with DP-SGD and sends ciphertexts only; the epsilon
+    is the accountant's for the rounds actually run, and the budget ends the run early with a
+    decrypted, usable model and an intact audit log."""
+    import dp_accounting
+    from dp_accounting import rdp
+
+    processed, partition = make_federated_data(tmp_path / "data", hospitals=2)
+    params = paillier_params(tmp_path, rounds=3, model="tiny_model:build_group")
+    params["train"]["classifier"].update(normalization="group", class_weight=False)
+    steps, q = 2, 8 / 12  # per round: ceil(12 images / batch 8), sampling rate 8 / 12
+
+    def epsilon(rounds: int) -> float:
+        acc = rdp.RdpAccountant()
+        acc.compose(dp_accounting.SelfComposedDpEvent(
+            dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(2.0)), rounds * steps))
+        return acc.get_epsilon(1e-5)
+
+    params["privacy"] = {"mode": "example", "noise_multiplier": 2.0, "delta": 1e-5,
+                         "epsilon_budget": (epsilon(2) + epsilon(3)) / 2}
+    out = tmp_path / "models" / "federated" / "secure"
+    launcher.run(params, processed, partition, out, echo=lambda line: None)
+
+    card = json.loads((out / "classifier.json").read_text())
+    assert card["aggregation"] == "paillier" and card["privacy"] == "example"
+    assert [r["round"] for r in card["round_records"]] == [1, 2] and "round 3" in card["stopped_by_budget"]
+    for record, expected in zip(card["round_records"], (epsilon(1), epsilon(2))):
+        assert all(h["epsilon"] == pytest.approx(expected, rel=1e-6) for h in record["hospitals"].values())
+    assert card["epsilon"] == pytest.approx(epsilon(2), rel=1e-6)
+    for entry in audit_lines(out):
+        if entry["phase"] == "train":
+            assert entry["arrays"].startswith("update-ciphertexts/0:uint8[") and " " not in entry["arrays"], entry
+    check = subprocess.run([sys.executable, "-m", "fedbrain.cli", "audit", "verify", str(out / "audit" / "classifier.jsonl")],
+                           capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout + check.stderr
+    model = tf.keras.models.load_model(out / "classifier.keras", compile=False)
+    probabilities = model.predict(np.load(processed / "images.npy")[:4], verbose=0)
+    assert np.isfinite(probabilities).all() and np.allclose(probabilities.sum(axis=1), 1.0, atol=1e-5)

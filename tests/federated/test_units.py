@@ -15,7 +15,8 @@ from flwr.app import MetricRecord, RecordDict
 from fedbrain.config import load_params
 from fedbrain.errors import InputError
 from fedbrain.federated.certificates import ensure_pki, ensure_supernode_key
-from fedbrain.federated.launcher import FederatedSettings, absolute_uri
+from fedbrain.federated.launcher import absolute_uri
+from fedbrain.federated.settings import FederatedSettings
 from fedbrain.federated.strategy import average_metrics
 
 from federated_data import federated_params, make_federated_data

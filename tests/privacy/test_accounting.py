@@ -110,3 +110,23 @@ def test_variants_lay_their_sections_over_the_params():
         with_variant(params, "nope")
     with pytest.raises(InputError, match="unknown section"):
         with_variant({**params, "variants": {"x": {"trian": {}}}}, "x")
+
+
+def test_paillier_slots_too_narrow_for_a_round_of_updates_are_refused_before_training(tmp_path):
+    """A secure run whose updates could exceed the packed slots' range stops before any process starts."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "federated"))
+    from federated_data import federated_params, make_federated_data
+
+    from fedbrain.federated import launcher
+
+    processed, partition = make_federated_data(tmp_path / "data", hospitals=2)
+    params = federated_params(tmp_path, rounds=1, secure_aggregation="paillier",
+                              paillier={"integer_bits": 0})
+    params["federated"]["local_epochs"] = 60  # 60 epochs x 2 steps x 3.16 x rate 0.003 > 2^0
+    with pytest.raises(InputError, match=r"raise federated\.paillier\.integer_bits to 1"):
+        launcher.prepare(params, processed, partition, tmp_path / "out", resume=False)
+    params["federated"]["local_epochs"] = 1
+    launcher.prepare(params, processed, partition, tmp_path / "out", resume=False)

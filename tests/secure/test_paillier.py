@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import stat
 
-import gmpy2
 import numpy as np
 import pytest
 from phe import paillier as phe

@@ -51,7 +51,6 @@ so it need not be cryptographic. The encryption randomness (paillier.py) is.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np

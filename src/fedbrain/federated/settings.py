@@ -1,0 +1,99 @@
+"""The `federated:` section of params.yaml, read and checked in one place."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fedbrain.config import get, section
+from fedbrain.dataset import load_classes
+from fedbrain.errors import InputError
+
+ROLES = ("classifier", "segmenter")
+
+
+@dataclass(frozen=True)
+class FederatedSettings:
+    """The `federated:` section of params.yaml (see the comments there)."""
+
+    roles: tuple[str, ...] = ("auto",)
+    rounds: int = 10
+    local_epochs: int = 5
+    fraction_train: float = 1.0
+    fraction_evaluate: float = 1.0
+    min_train_nodes: int = 2
+    min_evaluate_nodes: int = 2
+    min_available_nodes: int = 2
+    round_timeout: float = 3600.0
+    node_wait_timeout: float = 600.0
+    state_dir: str = ".fedbrain"
+    # Per role (an int in params.yaml applies to both).
+    calibration_images: dict = field(default_factory=lambda: {"classifier": 128, "segmenter": 0})
+    lr_decay: str = "cosine"
+    train: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_params(cls, params: dict) -> FederatedSettings:
+        sec, where = section(params, "federated"), "federated"
+        d = cls()
+        roles = get(sec, "roles", (str, list), where, default="auto")
+        roles = tuple([roles] if isinstance(roles, str) else roles)
+        for role in roles:
+            if role not in ("auto", *ROLES):
+                raise InputError(f"params.yaml: 'federated.roles' has {role!r}; use auto, classifier or segmenter")
+        settings = cls(
+            roles=roles,
+            rounds=get(sec, "rounds", int, where),
+            local_epochs=get(sec, "local_epochs", int, where),
+            fraction_train=get(sec, "fraction_train", float, where, default=d.fraction_train),
+            fraction_evaluate=get(sec, "fraction_evaluate", float, where, default=d.fraction_evaluate),
+            min_train_nodes=get(sec, "min_train_nodes", int, where, default=d.min_train_nodes),
+            min_evaluate_nodes=get(sec, "min_evaluate_nodes", int, where, default=d.min_evaluate_nodes),
+            min_available_nodes=get(sec, "min_available_nodes", int, where, default=d.min_available_nodes),
+            round_timeout=get(sec, "round_timeout", float, where, default=d.round_timeout),
+            node_wait_timeout=get(sec, "node_wait_timeout", float, where, default=d.node_wait_timeout),
+            state_dir=get(sec, "state_dir", str, where, default=d.state_dir),
+            calibration_images=_per_role(get(sec, "calibration_images", (int, dict), where,
+                                             default=d.calibration_images), d.calibration_images),
+            lr_decay=get(sec, "lr_decay", str, where, choices=("cosine", "none"), default=d.lr_decay),
+            train=get(sec, "train", dict, where, default={}) or {},
+        )
+        settings.check()
+        return settings
+
+    def check(self) -> None:
+        for role, images in self.calibration_images.items():
+            if role not in ROLES:
+                raise InputError(f"params.yaml: 'federated.calibration_images' has {role!r}; "
+                                 f"use {' and '.join(ROLES)}")
+            if not isinstance(images, int) or isinstance(images, bool) or images < 0:
+                raise InputError(f"params.yaml: 'federated.calibration_images.{role}' is {images!r}; "
+                                 f"use 0 (all) or more")
+        for key in ("rounds", "local_epochs", "min_train_nodes", "min_available_nodes"):
+            if getattr(self, key) < 1:
+                raise InputError(f"params.yaml: 'federated.{key}' is {getattr(self, key)}; use 1 or more")
+        for key in ("fraction_train", "fraction_evaluate"):
+            if not 0.0 <= getattr(self, key) <= 1.0:
+                raise InputError(f"params.yaml: 'federated.{key}' is {getattr(self, key)}; use a fraction in [0, 1]")
+
+    def resolve_roles(self, processed: Path) -> list[str]:
+        """'auto': the classifier, and the segmenter too when the data has masks (as centralized)."""
+        has_masks = bool(load_classes(processed).get("has_masks"))
+        roles: list[str] = []
+        for role in self.roles:
+            wanted = (["classifier", "segmenter"] if has_masks else ["classifier"]) if role == "auto" else [role]
+            roles += [r for r in wanted if r not in roles]
+        if "segmenter" in roles and not has_masks:
+            raise InputError(f"{processed}: no masks.npy, so federated.roles cannot include segmenter; "
+                             f"use classifier or a dataset with masks")
+        return roles
+
+    def hospital_training(self, params: dict, role: str) -> dict:
+        """What each hospital passes to fedbrain.train.fit: train.<role>, then federated.train on top."""
+        base = section(section(params, "train"), role)
+        return {**base, **self.train}
+
+
+def _per_role(value: int | dict, defaults: dict) -> dict:
+    """{role: value} from one value for every role or a mapping of some (the rest: defaults)."""
+    return {role: value for role in ROLES} if isinstance(value, int) else {**defaults, **value}

@@ -11,6 +11,11 @@ Writes, under ``out`` (``reports/``):
   evaluation.json     the details: per-class scores, confusion matrices, per-patient Dice/HD95
   comparison.csv/.md  one row per model/run: centralized and every federated variant side by side
   plots/<run>/*.png   confusion matrix, ROC curves, training curves, segmentation overlays (DVC plots)
+  plots/membership_roc.png  the membership-inference audit of every classifier (fedbrain.privacy.audit)
+
+Every classifier is also attacked: members (a seeded sample of the partition's train rows) against
+as many test images it never trained on; the ``mia_*`` columns and metrics say how well an attacker
+tells them apart, and for a DP model whether that beats what its (epsilon, delta) allows.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -26,10 +32,14 @@ import pandas as pd
 from fedbrain.config import get
 from fedbrain.dataset import Split, load_classes, load_split
 from fedbrain.errors import InputError
+from fedbrain.privacy import audit as membership_audit
 
+# mia_*: the membership-inference audit; mia_auc and the TPRs are the stronger attack's (the larger).
+MIA_COLUMNS = ["mia_status", "mia_auc", "mia_loss_auc", "mia_tpr_at_1pct_fpr", "mia_tpr_at_0_1pct_fpr",
+               "mia_accuracy_gap", "mia_exceeds_dp_bound"]
 COMPARISON_COLUMNS = ["run", "training", "model", "task", "privacy", "epsilon", "delta", "aggregation", "accuracy",
                       "macro_f1", "roc_auc", "dice", "hd95", "dice_tumour_slices", "test_images", "train_time_s",
-                      "round_time_s", "mb_per_round", "run_id"]
+                      "round_time_s", "mb_per_round", *MIA_COLUMNS, "run_id"]
 
 
 # --------------------------------------------------------------------------- classification
@@ -282,6 +292,64 @@ def plot_privacy_utility(rows: list[dict], path: Path) -> Path | None:
     return _save(fig, path)
 
 
+def plot_membership_roc(results: list[dict], path: Path) -> Path | None:
+    """Every audited classifier's membership ROC on log-log axes (Carlini et al. 2022: what matters is
+    the TPR at a low FPR), each attack; a DP model's ceiling min(1, e^epsilon FPR + delta) dashed."""
+    audited = [r for r in results if (r.get("audit") or {}).get("status") == "audited"]
+    if not audited:
+        return None
+    fig = _figure(6.4, 5.0)
+    ax = fig.subplots()
+    floor = 0.5 / max(r["audit"]["nonmembers"] for r in audited)  # below the smallest FPR measurable
+    grid = np.logspace(np.log10(floor), 0, 200)
+    for k, r in enumerate(audited):
+        colour, audit = f"C{k % 10}", r["audit"]
+        for name, style in (("calibrated", "-"), ("loss", ":")):
+            attack = audit["attacks"][name]
+            fpr, tpr = attack["curve"]["fpr"], attack["curve"]["tpr"]
+            ax.plot(np.maximum(fpr, floor), np.maximum(tpr, floor), style, color=colour, linewidth=1.2,
+                    label=f"{r['info']['run']} {name} (AUC {attack['auc']:.3f})")
+        if audit["dp_ceiling"] is not None:
+            epsilon, delta = r["info"]["epsilon"], r["info"]["delta"] or 0.0
+            ax.plot(grid, [membership_audit.dp_tpr_ceiling(epsilon, delta, f) for f in grid], "--", color=colour,
+                    linewidth=0.8, label=f"{r['info']['run']} DP ceiling (epsilon {epsilon:.2f})")
+    ax.plot(grid, grid, "k-", linewidth=0.6, alpha=0.5, label="chance")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlim(floor, 1)
+    ax.set_ylim(floor, 1.05)
+    ax.set_xlabel("false positive rate (non-members called members)")
+    ax.set_ylabel("true positive rate (members found)")
+    ax.set_title("membership inference: train members vs test non-members", fontsize=9)
+    ax.legend(fontsize=6, loc="lower right")
+    return _save(fig, path)
+
+
+def audit_report(run: str, audit: dict, epsilon: float | None, delta: float | None) -> list[str]:
+    """Printed lines: the audit's numbers, a DP model's ceiling beside each TPR, a WARNING per excess."""
+    if audit.get("status") != "audited":
+        reason = f" ({audit['reason']})" if audit.get("reason") else ""
+        return [f"membership audit {run}: {audit.get('status')}{reason}"]
+    percent = {n: f"{100 * rate:g}%" for n, rate in membership_audit.FPRS.items()}
+    aucs = ", ".join(f"{name} {a['auc']:.3f}" for name, a in audit["attacks"].items())
+    tprs = []
+    for n in membership_audit.FPRS:
+        text = f"TPR at FPR <= {percent[n]} {audit[f'tpr_at_{n}_fpr']:.4f}"
+        if audit["dp_ceiling"] is not None:
+            text += f" (DP ceiling {audit['dp_ceiling'][n]:.4f})"
+        tprs.append(text)
+    lines = [f"membership audit {run}: {audit['members']} members vs {audit['nonmembers']} non-members; "
+             f"AUC {aucs}; {'; '.join(tprs)}; accuracy members {audit['member_accuracy']:.3f}, "
+             f"non-members {audit['nonmember_accuracy']:.3f} (gap {audit['accuracy_gap']:+.3f})"]
+    if audit["violations"]:
+        beaten = "; ".join(f"{name} attack TPR {tpr:.4f} at FPR <= {100 * rate:g}% > ceiling {ceiling:.4f}"
+                           for name, rate, tpr, ceiling in audit["violations"])
+        lines.append(f"WARNING: membership audit {run}: {beaten}: more than ({epsilon:.3g}, {delta or 0:.1e})-DP "
+                     f"allows; the model leaks more than its epsilon claims, or the claim (accounting, card) is "
+                     f"wrong (point estimates from {audit['members']} members and {audit['nonmembers']} non-members)")
+    return lines
+
+
 def federation_costs(card: dict) -> dict:
     """Median round wall time and MB moved per round of a federated run (its last round, which also
     drains the pipeline, left out when there are others)."""
@@ -337,6 +405,24 @@ def _clean(value):
     return value
 
 
+def _mia_cells(audit: dict) -> dict:
+    """One model's ``MIA_COLUMNS`` (only the status for a skipped audit)."""
+    loss = (audit.get("attacks") or {}).get("loss") or {}
+    return {"mia_status": audit["status"], "mia_auc": audit.get("auc"), "mia_loss_auc": loss.get("auc"),
+            **{f"mia_tpr_at_{n}_fpr": audit.get(f"tpr_at_{n}_fpr") for n in membership_audit.FPRS},
+            "mia_accuracy_gap": audit.get("accuracy_gap"), "mia_exceeds_dp_bound": audit.get("exceeds_dp_bound")}
+
+
+def _without_curves(audit: dict) -> dict:
+    """An audit for evaluation.json: the ROC points (thousands per attack) stay in the plot, and the
+    seconds it took stay out of a file that should change only when the results do."""
+    audit = {k: v for k, v in audit.items() if k != "seconds"}
+    if "attacks" not in audit:
+        return audit
+    return {**audit, "attacks": {name: {k: v for k, v in a.items() if k != "curve"}
+                                 for name, a in audit["attacks"].items()}}
+
+
 def _write_text(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
@@ -356,10 +442,28 @@ def comparison_markdown(table: pd.DataFrame) -> str:
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(cell(row[c]) for c in columns) + " |" for _, row in table.iterrows()]
     return ("# Test-set comparison\n\nEvery model on the same held-out test split "
-            "(`fedbrain evaluate`). HD95 in pixels of the preprocessed images.\n\n" + "\n".join(lines) + "\n")
+            "(`fedbrain evaluate`). HD95 in pixels of the preprocessed images. `mia_*`: membership "
+            "inference, train images against as many test images (AUC 0.5 = no measurable leak, "
+            "which is no proof of privacy); `mia_exceeds_dp_bound`: an attack's TPR beat what the "
+            "model's (epsilon, delta) allows.\n\n" + "\n".join(lines) + "\n")
 
 
-def evaluate_model(path: Path, models: Path, test: Split, classes: list[str], settings: dict, plots: Path) -> dict:
+def audit_classifier(model, membership, test_proba: np.ndarray, test: Split, info: dict, settings: dict) -> dict:
+    """The membership audit of one classifier: only the members are predicted here; the non-members'
+    predictions are evaluate's test predictions."""
+    if isinstance(membership, dict):  # skipped, and why
+        return dict(membership)
+    member_proba = model.predict(membership.members.images, batch_size=settings["batch_size"], verbose=0)
+    positions = membership.nonmember_positions
+    return membership_audit.audit_model(member_proba, membership.members.labels, test_proba[positions],
+                                        test.labels[positions], info["epsilon"], info["delta"],
+                                        seed=settings.get("audit", {}).get("seed", 0))
+
+
+def evaluate_model(path: Path, models: Path, test: Split, classes: list[str], settings: dict, plots: Path,
+                   membership: membership_audit.MembershipSample | dict | None = None) -> dict:
+    """One model's test metrics and plots; with ``membership`` (a sample, or why there is none) also
+    its membership audit (``result["audit"]``, classifiers only)."""
     import tensorflow as tf
 
     from fedbrain.train import load_card
@@ -374,6 +478,7 @@ def evaluate_model(path: Path, models: Path, test: Split, classes: list[str], se
         raise InputError(f"{path}: expects inputs {expected}, the test split has {tuple(test.images.shape[1:])}; "
                          "it was trained on other preprocessing: retrain it")
     proba = model.predict(test.images, batch_size=settings["batch_size"], verbose=0)
+    audit = None if membership is None else {"status": membership_audit.CLASSIFIERS_ONLY}
     run_plots = plots / info["run"]
     title = f"{info['run']} ({info['model']})"
     artifacts = []
@@ -384,6 +489,10 @@ def evaluate_model(path: Path, models: Path, test: Split, classes: list[str], se
         artifacts.append(plot_confusion_matrix(metrics["confusion_matrix"], classes, title,
                                                run_plots / "confusion_matrix.png"))
         artifacts.append(plot_roc(test.labels, proba, classes, title, run_plots / "roc.png"))
+        if membership is not None:
+            started = time.perf_counter()
+            audit = audit_classifier(model, membership, proba, test, info, settings)
+            audit["seconds"] = time.perf_counter() - started
     else:
         if test.masks is None:
             raise InputError(f"{path}: is a segmenter but the test split has no masks (classes.json has_masks false)")
@@ -392,7 +501,8 @@ def evaluate_model(path: Path, models: Path, test: Split, classes: list[str], se
                                        run_plots / "overlays.png"))
     if info["history"]:
         artifacts.append(plot_history(info["history"], title, run_plots / "training_curves.png"))
-    return {"info": info, "metrics": _clean(metrics), "artifacts": [a for a in artifacts if a is not None]}
+    result = {"info": info, "metrics": _clean(metrics), "artifacts": [a for a in artifacts if a is not None]}
+    return result if audit is None else {**result, "audit": audit}
 
 
 def run(params: dict, processed: Path, partition: Path, models: Path, out: Path) -> pd.DataFrame:
@@ -401,12 +511,24 @@ def run(params: dict, processed: Path, partition: Path, models: Path, out: Path)
                 "overlays": get(sec, "overlays", int, "evaluate", default=6),
                 "batch_size": get(sec, "batch_size", int, "evaluate", default=64),
                 "log_mlflow": get(sec, "log_mlflow", bool, "evaluate", default=True)}
+    audit_sec = sec.get("audit") or {}
+    if not isinstance(audit_sec, dict):
+        raise InputError("params.yaml: 'evaluate.audit' must be a mapping (members, seed)")
+    settings["audit"] = {"members": get(audit_sec, "members", int, "evaluate.audit", default=250),
+                         "seed": get(audit_sec, "seed", int, "evaluate.audit", default=0)}
+    started = time.perf_counter()
     processed, partition, models, out = Path(processed), Path(partition), Path(models), Path(out)
     classes = list(load_classes(processed)["classes"])
     test = load_split(processed, partition, "test")
     if len(test) == 0:
         raise InputError(f"{partition}: the test split is empty; raise partition.test_fraction")
-    results = [evaluate_model(path, models, test, classes, settings, out / "plots") for path in discover(models)]
+    audit_seconds = time.perf_counter()  # sampling and the ROC plot; each model's share is in its audit
+    membership = (membership_audit.membership_sample(processed, partition, settings["audit"]["members"],
+                                                     settings["audit"]["seed"], test)
+                  if settings["audit"]["members"] > 0 else {"status": "audit skipped: evaluate.audit.members is 0"})
+    audit_seconds = time.perf_counter() - audit_seconds
+    results = [evaluate_model(path, models, test, classes, settings, out / "plots", membership)
+               for path in discover(models)]
 
     scalars, details, rows = {}, {}, []
     for result in results:
@@ -414,8 +536,11 @@ def run(params: dict, processed: Path, partition: Path, models: Path, out: Path)
         flat = {f"test_{k}": v for k, v in metrics.items() if isinstance(v, (int, float)) or v is None}
         if info["epsilon"] is not None:
             flat.update(epsilon=info["epsilon"], delta=info["delta"])
+        audit = result["audit"]
+        flat.update(membership_audit.audit_scalars(audit))
         scalars[info["run"]] = {k: v for k, v in flat.items() if v is not None}
-        details[info["run"]] = {**{k: v for k, v in info.items() if k != "history"}, "metrics": metrics}
+        details[info["run"]] = {**{k: v for k, v in info.items() if k != "history"}, "metrics": metrics,
+                                "membership_audit": _without_curves(audit)}
         rows.append({"run": info["run"], "training": info["training"], "model": info["model"], "task": info["task"],
                      "privacy": info["privacy"], "epsilon": info["epsilon"], "delta": info["delta"],
                      "aggregation": info["aggregation"],
@@ -423,7 +548,7 @@ def run(params: dict, processed: Path, partition: Path, models: Path, out: Path)
                      "roc_auc": metrics.get("roc_auc"), "dice": metrics.get("dice"), "hd95": metrics.get("hd95"),
                      "dice_tumour_slices": metrics.get("dice_tumour_slices"), "test_images": len(test),
                      "train_time_s": info["train_time_s"], "round_time_s": info["round_time_s"],
-                     "mb_per_round": info["mb_per_round"], "run_id": info["run_id"]})
+                     "mb_per_round": info["mb_per_round"], **_mia_cells(audit), "run_id": info["run_id"]})
     for task in ("classification", "segmentation"):
         # Per-round curve of every federated run, in the plots folder and in its MLflow run.
         if (figure := plot_rounds(results, task, out / "plots" / f"rounds_{task}.png")) is not None:
@@ -434,6 +559,12 @@ def run(params: dict, processed: Path, partition: Path, models: Path, out: Path)
         for result in results:
             if result["info"]["task"] == "classification":
                 result["artifacts"].append(figure)
+    plotted = time.perf_counter()
+    if (figure := plot_membership_roc(results, out / "plots" / "membership_roc.png")) is not None:
+        for result in results:
+            if result["audit"]["status"] == "audited":
+                result["artifacts"].append(figure)
+    audit_seconds += time.perf_counter() - plotted
     table = pd.DataFrame(rows, columns=COMPARISON_COLUMNS)
     _write_text(out / "metrics.json", json.dumps(scalars, indent=2) + "\n")
     _write_text(out / "evaluation.json", json.dumps(_clean(details), indent=2) + "\n")
@@ -453,4 +584,10 @@ def run(params: dict, processed: Path, partition: Path, models: Path, out: Path)
                                 scalars[info["run"]], result["artifacts"] + [out / "metrics.json"])
     print(f"evaluate: {len(results)} model(s) on {len(test)} test images -> {out / 'comparison.md'}")
     print(comparison_markdown(table).split("\n\n", 2)[-1])
+    for result in results:
+        info = result["info"]
+        for line in audit_report(info["run"], result["audit"], info["epsilon"], info["delta"]):
+            print(line)
+    spent = audit_seconds + sum(r["audit"].get("seconds", 0.0) for r in results)
+    print(f"membership audit: {spent:.1f} s of evaluate's {time.perf_counter() - started:.1f} s")
     return table

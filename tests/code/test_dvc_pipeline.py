@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -13,7 +14,11 @@ import yaml
 
 from helpers import PROJECT
 
-STAGES = ("ingest", "validate", "preprocess", "partition", "train-centralized", "train-federated", "evaluate")
+# train-federated runs once per variant; two of params.yaml's here: plain FedAvg, and the secure
+# setting, which has every layer of the others (DP-SGD, Paillier) at once.
+VARIANTS = ("fedavg", "secure")
+STAGES = ("ingest", "validate", "preprocess", "partition", "train-centralized",
+          *(f"train-federated@{v}" for v in VARIANTS), "evaluate")
 
 
 def project_files() -> list[str]:
@@ -34,6 +39,7 @@ def project_copy(tmp_path_factory) -> Path:
     params = yaml.safe_load((copy / "params.yaml").read_text())
     params["train"]["classifier"]["epochs"] = 2
     params["federated"].update(rounds=2, local_epochs=1)
+    params["variants"] = {v: params["variants"][v] for v in VARIANTS}
     (copy / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     return copy
 
@@ -53,7 +59,11 @@ def test_repro_twice_on_embedded_sample(project_copy):
     assert (project_copy / "data" / "partition" / "report.json").is_file()
     assert (project_copy / "reports" / "validation" / "data_docs" / "index.html").is_file()
     comparison = (project_copy / "reports" / "comparison.csv").read_text()
-    assert "centralized" in comparison and "federated" in comparison
+    assert "centralized" in comparison and "federated/fedavg" in comparison and "federated/secure" in comparison
+    # The secure variant is on the privacy-utility plot, with its epsilon in metrics.json.
+    assert (project_copy / "reports" / "plots" / "privacy_utility.png").stat().st_size > 1000
+    metrics = json.loads((project_copy / "reports" / "metrics.json").read_text())
+    assert metrics["federated/secure/classifier"]["epsilon"] > 0
     # The federated run per round against the centralized reference line.
     assert (project_copy / "reports" / "plots" / "rounds_classification.png").stat().st_size > 1000
 

@@ -228,3 +228,30 @@ def test_dp_sgd_and_paillier_together_and_a_budget_stop_keeps_a_usable_model(tmp
     model = tf.keras.models.load_model(out / "classifier.keras", compile=False)
     probabilities = model.predict(np.load(processed / "images.npy")[:4], verbose=0)
     assert np.isfinite(probabilities).all() and np.allclose(probabilities.sum(axis=1), 1.0, atol=1e-5)
+
+
+def test_client_level_dp_under_paillier_adds_the_noise_at_the_hospitals(tmp_path):
+    """The server cannot add noise to a mean it must not see: each hospital clips its update and adds
+    its share; the epsilon composes the rounds with the multiplier the shares reached."""
+    import dp_accounting
+    from dp_accounting import rdp
+
+    processed, partition = make_federated_data(tmp_path / "data", hospitals=2)
+    params = paillier_params(tmp_path, rounds=2, model="tiny_model:build_group")
+    params["train"]["classifier"].update(normalization="group", class_weight=False)
+    params["privacy"] = {"mode": "client", "noise_multiplier": 0.8, "l2_norm_clip": 0.5, "delta": 1e-5}
+    out = tmp_path / "models" / "federated" / "client_paillier"
+    launcher.run(params, processed, partition, out, echo=lambda line: None)
+
+    card = json.loads((out / "classifier.json").read_text())
+    acc = rdp.RdpAccountant()
+    acc.compose(dp_accounting.SelfComposedDpEvent(dp_accounting.GaussianDpEvent(0.8), 2))  # both replied
+    assert card["privacy"] == "client" and card["aggregation"] == "paillier"
+    assert card["epsilon"] == pytest.approx(acc.get_epsilon(1e-5), rel=1e-6)
+    assert all(trained(r) == {"0", "1"} for r in card["round_records"])
+    trains = [e for e in audit_lines(out) if e["phase"] == "train"]
+    assert len(trains) == 4 and all(e["arrays"].startswith("update-ciphertexts/0:uint8[") for e in trains)
+    # Unweighted mean: no count exchange; Flower's server-side noise is not used.
+    assert not any(e["phase"] == "examples" for e in audit_lines(out))
+    serverapp_log = next((tmp_path / ".fedbrain" / "federation" / "client_paillier" / "logs").glob("serverapp_*.log"))
+    assert "central DP noise" not in serverapp_log.read_text()

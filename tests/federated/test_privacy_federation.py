@@ -85,6 +85,7 @@ def test_example_level_dp_reports_each_hospitals_epsilon_every_round(tmp_path):
 
     client, run = mlflow_run(params)
     assert run.data.tags["privacy"] == "example"
+    assert run.data.params["federated.hospital_threads_resolved"] == "1"  # 2 cores // 3 hospitals
     steps = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "epsilon")}
     assert steps == {1: pytest.approx(expected[0], rel=1e-6), 2: pytest.approx(expected[1], rel=1e-6)}
     assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "hospital_2/epsilon")) == [1, 2]

@@ -102,6 +102,23 @@ def test_calibration_images_are_set_per_role(tmp_path, value, expected):
             FederatedSettings.from_params(params)
 
 
+@pytest.mark.parametrize("wrong", [0, -2, "many", 1.5, True])
+def test_hospital_threads_must_be_auto_or_a_positive_count(tmp_path, wrong):
+    params = federated_params(tmp_path)
+    params["federated"]["hospital_threads"] = wrong
+    with pytest.raises(InputError, match="federated.hospital_threads"):
+        FederatedSettings.from_params(params)
+
+
+def test_hospital_threads_share_the_cores(tmp_path, monkeypatch):
+    params = federated_params(tmp_path)
+    monkeypatch.setattr("os.cpu_count", lambda: 8)
+    assert FederatedSettings.from_params(params).threads_per_hospital(3) == 2  # auto (the default)
+    assert FederatedSettings.from_params(params).threads_per_hospital(12) == 1
+    params["federated"]["hospital_threads"] = 3
+    assert FederatedSettings.from_params(params).threads_per_hospital(3) == 3
+
+
 def test_local_mlflow_stores_are_made_absolute(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert absolute_uri("sqlite:///mlflow.db") == f"sqlite:///{tmp_path / 'mlflow.db'}"

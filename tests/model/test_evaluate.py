@@ -10,9 +10,10 @@ import pandas as pd
 import pytest
 
 from fedbrain import tracking
-from fedbrain.evaluate import _run_label, classification_metrics, dice_hd95, segmentation_metrics
+from fedbrain.evaluate import MIA_COLUMNS, _run_label, classification_metrics, dice_hd95, segmentation_metrics
 from fedbrain.evaluate import run as evaluate
 from fedbrain.models import build_model
+from fedbrain.privacy.audit import CLASSIFIERS_ONLY
 from fedbrain.train import save_model
 
 
@@ -112,6 +113,13 @@ def test_evaluate_stage_finds_centralized_and_federated_models(segmentation_data
     assert {"test_dice", "test_dice_tumour_slices"} <= set(metrics["centralized/segmenter"])
     csv = pd.read_csv(out / "comparison.csv")
     assert {"run", "training", "model", "privacy", "accuracy", "macro_f1", "dice", "hd95", "epsilon"} <= set(csv)
+    # The membership audit: every classifier attacked, the segmenter skipped with its reason.
+    assert set(MIA_COLUMNS) <= set(csv)
+    status = csv.set_index("run")["mia_status"]
+    assert status["centralized/segmenter"] == CLASSIFIERS_ONLY
+    assert status["centralized/classifier"] == status["federated/dp/classifier"] == "audited"
+    assert 0.0 <= cls["mia_auc"] <= 1.0 and "mia_auc" not in metrics["centralized/segmenter"]
+    assert (out / "plots" / "membership_roc.png").stat().st_size > 1000
     assert len(csv) == 3 and "federated/dp/classifier" in (out / "comparison.md").read_text()
     for name in ("centralized/classifier/confusion_matrix.png", "centralized/classifier/roc.png",
                  "centralized/classifier/training_curves.png", "centralized/segmenter/overlays.png"):
@@ -124,8 +132,9 @@ def test_evaluate_stage_finds_centralized_and_federated_models(segmentation_data
     client = mlflow.MlflowClient()
     run = client.get_run(run_id)
     assert run.data.metrics["test_accuracy"] == pytest.approx(cls["test_accuracy"])
+    assert run.data.metrics["mia_auc"] == pytest.approx(cls["mia_auc"])
     artifacts = {a.path for a in client.list_artifacts(run_id, "evaluation")}
-    assert {"evaluation/confusion_matrix.png", "evaluation/metrics.json"} <= artifacts
+    assert {"evaluation/confusion_matrix.png", "evaluation/metrics.json", "evaluation/membership_roc.png"} <= artifacts
     # Models without a known run get an evaluation run of their own, tagged like a training run.
     runs = mlflow.search_runs(experiment_names=["fedbrain-test"], filter_string="tags.training = 'federated'")
     assert len(runs) == 1 and runs["tags.privacy"].iloc[0] == "dp"

@@ -130,3 +130,36 @@ def test_paillier_slots_too_narrow_for_a_round_of_updates_are_refused_before_tra
         launcher.prepare(params, processed, partition, tmp_path / "out", resume=False)
     params["federated"]["local_epochs"] = 1
     launcher.prepare(params, processed, partition, tmp_path / "out", resume=False)
+
+
+def test_client_level_epsilon_composes_the_multiplier_each_round_reached():
+    """Under Paillier the hospitals add the noise: a round where 2 of 4 hospitals replied kept
+    sqrt(2 / 4) of the planned multiplier, and the accountant counts that round so."""
+    from fedbrain.privacy.client_level import noise_share
+
+    settings = PrivacySettings.from_params({"privacy": {"mode": "client", "noise_multiplier": 1.2, "delta": 1e-5}})
+    ledger = PrivacyLedger(settings, rounds=3)
+    ledger.record(1, {}, noise_share(4, 4))
+    ledger.record(2, {}, noise_share(2, 4))
+    acc = rdp.RdpAccountant()
+    acc.compose(dp_accounting.ComposedDpEvent([dp_accounting.GaussianDpEvent(1.2),
+                                               dp_accounting.GaussianDpEvent(1.2 * math.sqrt(0.5))]))
+    assert ledger.epsilon == pytest.approx(acc.get_epsilon(1e-5), rel=1e-9)
+    assert ledger.next_epsilons["all"] > ledger.epsilon
+
+
+def test_a_hospitals_noised_update_is_clipped_and_carries_its_share_of_the_noise():
+    import numpy as np
+
+    from fedbrain.privacy.client_level import noised_update
+
+    rng = np.random.default_rng(0)
+    received = rng.normal(size=200_000)
+    trained = received + rng.normal(0, 0.01, size=received.size)  # update norm ~4.5, clipped to 0.5
+    quiet = noised_update(received, trained, clip=0.5, noise_multiplier=0.0, hospitals=4)
+    assert np.linalg.norm(quiet) == pytest.approx(0.5, rel=1e-9)
+    noisy = noised_update(received, trained, clip=0.5, noise_multiplier=2.0, hospitals=4)
+    # The noise alone: std z C / sqrt(m) = 2 x 0.5 / 2 = 0.5 per coordinate; fresh on every call.
+    assert np.std(noisy - quiet) == pytest.approx(0.5, rel=0.01)
+    again = noised_update(received, trained, clip=0.5, noise_multiplier=2.0, hospitals=4)
+    assert not np.allclose(noisy, again)

@@ -30,11 +30,13 @@ from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import fixedclipping_mod
 from flwr.common.differential_privacy_constants import KEY_CLIPPING_NORM
 
+from fedbrain.federated.encrypted import TOTAL
 from fedbrain.federated.task import (CALIBRATION_WEIGHT_KEY, PREVIOUS_STATISTICS, STATISTICS, VAL_WEIGHT_KEY,
                                     WEIGHT_KEY, RunSettings, batch_norm_statistics, build, evaluate_locally,
                                     hospital_data, returned_epoch, set_batch_norm_statistics, train_locally,
                                     weights_of, weights_record)
 from fedbrain.privacy.budget import HospitalPrivacy
+from fedbrain.privacy.client_level import noised_update
 
 
 def client_level_clipping(msg: Message, context: Context, call_next) -> Message:
@@ -183,11 +185,15 @@ def _round(msg: Message, context: Context, train: bool) -> Message:
     if cipher is not None:
         # Only ciphertexts of this hospital's update and statistics leave it (encrypted.py).
         start = time.perf_counter()
-        update = None
+        update, weight = None, images
         if train:
             (trained,), (sent,) = (weights_record(w).to_numpy_ndarrays() for w in (model.get_weights(), received))
             update = trained.astype(np.float64) - sent
-        cipher.encrypt_reply(content, config, update, stats, images, hospital, server_round)
+            if settings.privacy.mode == "client":  # clipped, with this hospital's share of the noise
+                update = noised_update(sent.astype(np.float64), trained, settings.privacy.l2_norm_clip,
+                                       settings.privacy.client_noise(settings.rounds), int(config[TOTAL]))
+                weight = 1  # an unweighted mean: each hospital sends 1 / m of its update
+        cipher.encrypt_reply(content, config, update, stats, weight, hospital, server_round)
         metrics["encryption-time-s"] = time.perf_counter() - start
     content["metrics"] = MetricRecord(metrics)
     _RECEIVED[context.run_id] = (int(config["weights-round"]), received)

@@ -21,6 +21,7 @@ decryption, ~2 ms per ciphertext, is split over the hospitals instead of repeate
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from logging import INFO
@@ -154,7 +155,12 @@ class EncryptedAggregation:
     `statistics_sizes`: the values per BatchNormalization layer (channels), twice per layer (means,
     second moments), in the order hospitals send them; [] for a model without BatchNormalization."""
 
-    def __init__(self, public_key_path: str, settings: EncryptionSettings, statistics_sizes: list[int]):
+    def __init__(self, public_key_path: str, settings: EncryptionSettings, statistics_sizes: list[int],
+                 unweighted: bool = False):
+        # unweighted: client-level DP, where the mean counts every hospital once (each sends 1 / m of
+        # its clipped, noised update; privacy/client_level.py) and no count exchange is needed.
+        self.unweighted = unweighted
+        self.noise_share = 1.0  # client level: sqrt(replied / sampled) of the last aggregation
         self.public_key = paillier.load_public_key(Path(public_key_path))
         self.fingerprint = paillier.fingerprint(self.public_key)
         self.packings = dict(zip((UPDATE, STATISTICS), settings.packings()))
@@ -167,6 +173,8 @@ class EncryptedAggregation:
     def prepare(self, exchange, messages: list[Message]) -> list[Message]:
         """Ask newly sampled hospitals for their counts (one `query.examples` exchange); give each
         message D and the key's fingerprint. Returns the messages to send (those whose count is known)."""
+        if self.unweighted:
+            self.examples.update({m.metadata.dst_node_id: 1 for m in messages})
         unknown = [m.metadata.dst_node_id for m in messages if m.metadata.dst_node_id not in self.examples]
         if unknown:
             queries = [Message(RecordDict({"config": ConfigRecord({})}), message_type=EXAMPLES, dst_node_id=node)
@@ -185,7 +193,7 @@ class EncryptedAggregation:
         return sent
 
     def aggregate(self, exchange, replies: list[tuple[int, Message]], server_round: int, update_size: int,
-                  failures: list[dict]) -> tuple[np.ndarray | None, list | None]:
+                  failures: list[dict], phase: str = "train") -> tuple[np.ndarray | None, list | None]:
         """(the examples-weighted mean update, the pooled statistics) from the hospitals' encrypted
         replies [(node, reply)], each None when no reply carried it. A reply that is malformed or
         reports another count than it was weighted with is recorded in `failures` and left out."""
@@ -199,16 +207,17 @@ class EncryptedAggregation:
                         (found[key],) = reply.content[key].to_numpy_ndarrays()
                         paillier.from_array(found[key], self.public_key)  # shape, width, range
             except paillier.CiphertextError as exc:
-                failures.append({"node_id": node, "phase": "train", "reason": f"malformed ciphertexts: {exc}"})
+                failures.append({"node_id": node, "phase": phase, "reason": f"malformed ciphertexts: {exc}"})
                 continue
-            reported = int(reply.content["metrics"].get(CALIBRATION_IMAGES, -1))
+            reported = 1 if self.unweighted else int(reply.content["metrics"].get(CALIBRATION_IMAGES, -1))
             if reported != self.examples.get(node):
-                failures.append({"node_id": node, "phase": "train", "reason": f"reports {reported} training "
+                failures.append({"node_id": node, "phase": phase, "reason": f"reports {reported} training "
                                  f"images, its update was weighted for {self.examples.get(node)}"})
                 continue
             for key, array in found.items():
                 parts[key].append((node, array))
         sums = {key: paillier.add_encrypted([a for _, a in got], self.public_key) for key, got in parts.items() if got}
+        self.noise_share = math.sqrt(len(parts[UPDATE]) / self.total) if self.total else 0.0
         self.seconds = {"add_s": time.perf_counter() - start}
         if not sums:
             return None, None
@@ -227,7 +236,7 @@ class EncryptedAggregation:
                 # The sum cannot say which hospital's ciphertexts were altered (the server sees no
                 # single update): every hospital in it is named, and nothing of it is used.
                 for node in added:
-                    failures.append({"node_id": node, "phase": "train", "reason": (
+                    failures.append({"node_id": node, "phase": phase, "reason": (
                         f"round {server_round}: the encrypted sum of {key} failed its integrity check ({exc}); "
                         f"one of the hospitals (node ids {added}) sent altered ciphertexts; the round's "
                         f"{key} is discarded")[:400]})

@@ -172,7 +172,8 @@ class Federation:
     """
 
     def __init__(self, workdir: Path, pki: Pki | None, echo: Callable[[str], None] = print,
-                 env: dict[str, str] | None = None, paillier_private_key: Path | None = None):
+                 env: dict[str, str] | None = None, paillier_private_key: Path | None = None,
+                 threads: int | None = None):
         self.workdir = Path(workdir).resolve()
         # Encrypted aggregation: the key every hospital's SuperNode is given (never the SuperLink).
         self.paillier_private_key = paillier_private_key
@@ -190,6 +191,8 @@ class Federation:
         self.supernodes: dict[str, Started] = {}
         self.clientapps: dict[str, Started] = {}  # hospital name -> its ClientApp process
         self.env = self._environment(env)
+        if threads is not None:  # TensorFlow's pools in every process (federated.hospital_threads)
+            self.env.update(TF_NUM_INTRAOP_THREADS=str(threads), TF_NUM_INTEROP_THREADS=str(threads))
 
     # environment shared by every process of the federation
     def _environment(self, extra: dict[str, str] | None) -> dict[str, str]:
@@ -457,6 +460,7 @@ def run_config(settings: FederatedSettings, params: dict, role: str, processed: 
         "privacy": json.dumps(PrivacySettings.from_params(params).to_dict()),
         "secure-aggregation": json.dumps(EncryptionSettings.from_params(section(params, "federated")).to_dict()),
         "paillier-public-key": str(paillier_public_key.resolve()) if paillier_public_key else "",
+        "hospital-threads": settings.threads_per_hospital(len(hospitals_in(partition))),
     }
 
 
@@ -520,13 +524,15 @@ def run(params: dict, processed: Path, partition: Path, out: Path, resume: bool 
     params = tracking_params(params)
 
     previous = _raise_on_sigterm()
+    threads = settings.threads_per_hospital(len(hospitals))
     federation = Federation(workdir, pki, echo=echo, env={"MLFLOW_TRACKING_URI": params["mlflow"]["tracking_uri"]},
-                            paillier_private_key=private_key)
+                            paillier_private_key=private_key, threads=threads)
     statuses = {}
     try:
         echo(f"federation: SuperLink on {federation.fleet_address} (TLS and SuperNode authentication "
              f"{'off' if insecure else 'on'}), hospitals {hospitals}, {settings.rounds} rounds of "
-             f"{settings.local_epochs} local epochs, roles {roles}; logs in {federation.logs}")
+             f"{settings.local_epochs} local epochs, roles {roles}, {threads} TensorFlow thread(s) per process; "
+             f"logs in {federation.logs}")
         clock = time.perf_counter()
         federation.start_superlink()
         echo(f"federation: SuperLink ready ({time.perf_counter() - clock:.1f} s)")

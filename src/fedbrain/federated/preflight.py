@@ -70,16 +70,23 @@ def check_encryption(params: dict, settings, roles: list[str], examples: dict[in
     encryption = EncryptionSettings.from_params(params["federated"])
     if not encryption.enabled:
         return
-    if PrivacySettings.from_params(params).mode == "client":
-        # Client-level DP adds its noise to the plaintext mean at the server (Flower's wrapper), which
-        # under Paillier only the hospitals could do (distributed noise): not built yet.
-        raise InputError("params.yaml: privacy.mode client with federated.secure_aggregation paillier is not "
-                         "supported yet (the server's noise needs the plaintext mean); use privacy.mode example "
-                         "with paillier, or client-level DP without it")
+    privacy = PrivacySettings.from_params(params)
+    limit = 2.0 ** encryption.integer_bits
+    if privacy.mode == "client":
+        # Each hospital sends (its clipped update + its share of the noise) / m: a coordinate is at
+        # most C, its noise share has std z C / sqrt(m); 7 standard deviations (a chance of about
+        # 1e-11 per value) must fit, or a hospital would refuse to encode mid-run.
+        m = len(examples)
+        z, clip = privacy.client_noise(settings.rounds), privacy.l2_norm_clip
+        reach = (clip + 7 * z * clip / math.sqrt(m)) / m
+        if reach >= limit:
+            raise InputError(f"params.yaml: federated.paillier.integer_bits {encryption.integer_bits} holds values "
+                             f"below {limit:g}, but a noised client-level update share may reach {reach:.2f} "
+                             f"(clip {clip}, noise multiplier {z:.2f}, {m} hospitals): raise "
+                             f"federated.paillier.integer_bits to {math.floor(math.log2(reach)) + 1}")
     if len(examples) > encryption.max_hospitals:
         raise InputError(f"params.yaml: {len(examples)} hospitals but federated.paillier.max_hospitals is "
                          f"{encryption.max_hospitals}: raise it (each slot needs room for every hospital's value)")
-    limit = 2.0 ** encryption.integer_bits
     for role in roles:
         training = settings.hospital_training(params, role)
         batch = int(training.get("batch_size", 32))

@@ -219,7 +219,7 @@ def hospital_round(grid: Grid, strategy: HospitalFedAvg, settings: RunSettings, 
         (flat,) = arrays.to_numpy_ndarrays()
         clock = time.perf_counter()
         update, pooled_secure = encrypted.aggregate(side_exchange, received, record.round, flat.size,
-                                                 strategy.phase.failures)
+                                                    strategy.phase.failures, strategy.phase.name)
         record.decryption_phase_s += time.perf_counter() - clock
         new_arrays = ArrayRecord([flat + update.astype(np.float32)]) if train and update is not None else None
         averaged = strategy.phase.averaged_metrics()
@@ -387,11 +387,13 @@ def main(grid: Grid, context: Context) -> None:
                              "federated.min_train_nodes": settings.min_train_nodes,
                              "federated.fraction_train": settings.fraction_train,
                              "federated.secure": settings.secure,
+                             "federated.hospital_threads_resolved": int(context.run_config.get("hospital-threads", 0)),
                              "model.parameters": model.count_params()})
 
     ledger = PrivacyLedger(settings.privacy, rounds=settings.rounds)
+    # Client level: the server adds the noise (Flower's wrapper), or under Paillier the hospitals do.
     client_dp = ((settings.privacy.client_noise(settings.rounds), settings.privacy.l2_norm_clip)
-                 if settings.privacy.mode == "client" else None)
+                 if settings.privacy.mode == "client" and not settings.encrypted else None)
     strategy = HospitalFedAvg(fraction_train=settings.fraction_train, fraction_evaluate=settings.fraction_evaluate,
                               min_train_nodes=settings.min_train_nodes,
                               min_evaluate_nodes=settings.min_evaluate_nodes,
@@ -406,7 +408,8 @@ def main(grid: Grid, context: Context) -> None:
     aggregation = "fedavg"
     if settings.encrypted:
         sizes = [int(v.shape[-1]) for layer in batch_norm_layers(model) for v in (layer.moving_mean,) * 2]
-        encryption = EncryptedAggregation(settings.paillier_public_key, EncryptionSettings(**settings.encryption), sizes)
+        encryption = EncryptedAggregation(settings.paillier_public_key, EncryptionSettings(**settings.encryption), sizes,
+                                          unweighted=settings.privacy.mode == "client")
         aggregation = "paillier"
     strategy.on_reply = lambda server_round, phase, node, reply: audit.append(
         reply_entry(server_round, phase, node, known.get(node), reply, aggregation))
@@ -434,7 +437,8 @@ def main(grid: Grid, context: Context) -> None:
             record = RoundRecord(round=server_round, nodes_online=len(online))
             new_arrays, pooled, evaluation = hospital_round(grid, strategy, settings, record, arrays, previous,
                                                             known, train=True, while_waiting=finish, encrypted=encryption)
-            record.metrics.update(ledger.record(server_round, record.hospitals))
+            record.metrics.update(ledger.record(server_round, record.hospitals,
+                                                encryption.noise_share if encryption is not None else 1.0))
             state["node_hospital"] = {str(n): k for n, k in known.items()}
             finish = functools.partial(global_models.finish, evaluation, pending, arrays, pooled, server_round - 1)
             previous = (server_round - 1, pooled or [])

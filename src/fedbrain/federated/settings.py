@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,6 +32,7 @@ class FederatedSettings:
     calibration_images: dict = field(default_factory=lambda: {"classifier": 128, "segmenter": 0})
     lr_decay: str = "cosine"
     train: dict = field(default_factory=dict)
+    hospital_threads: int | str = "auto"
 
     @classmethod
     def from_params(cls, params: dict) -> FederatedSettings:
@@ -57,6 +59,7 @@ class FederatedSettings:
                                              default=d.calibration_images), d.calibration_images),
             lr_decay=get(sec, "lr_decay", str, where, choices=("cosine", "none"), default=d.lr_decay),
             train=get(sec, "train", dict, where, default={}) or {},
+            hospital_threads=get(sec, "hospital_threads", (int, str), where, default=d.hospital_threads),
         )
         settings.check()
         return settings
@@ -69,12 +72,24 @@ class FederatedSettings:
             if not isinstance(images, int) or isinstance(images, bool) or images < 0:
                 raise InputError(f"params.yaml: 'federated.calibration_images.{role}' is {images!r}; "
                                  f"use 0 (all) or more")
+        threads = self.hospital_threads
+        if threads != "auto" and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
+            raise InputError(f"params.yaml: 'federated.hospital_threads' is {threads!r}; use auto or a whole "
+                             f"number of threads, 1 or more")
         for key in ("rounds", "local_epochs", "min_train_nodes", "min_available_nodes"):
             if getattr(self, key) < 1:
                 raise InputError(f"params.yaml: 'federated.{key}' is {getattr(self, key)}; use 1 or more")
         for key in ("fraction_train", "fraction_evaluate"):
             if not 0.0 <= getattr(self, key) <= 1.0:
                 raise InputError(f"params.yaml: 'federated.{key}' is {getattr(self, key)}; use a fraction in [0, 1]")
+
+    def threads_per_hospital(self, hospitals: int) -> int:
+        """TensorFlow's thread pools in each hospital's ClientApp process. Each TensorFlow process sizes
+        its pools to every core; with several hospitals training at once on a shared machine, that
+        oversubscribes the cores. 'auto': the cores shared among the hospitals, at least 1."""
+        if self.hospital_threads == "auto":
+            return max(1, (os.cpu_count() or 1) // max(1, hospitals))
+        return int(self.hospital_threads)
 
     def resolve_roles(self, processed: Path) -> list[str]:
         """'auto': the classifier, and the segmenter too when the data has masks (as centralized)."""

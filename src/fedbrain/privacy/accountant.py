@@ -45,6 +45,11 @@ def client_event(noise_multiplier: float, rounds: int, sample_rate: float = 1.0)
     return dp_accounting.SelfComposedDpEvent(event, rounds)
 
 
+def client_rounds_event(noise_multipliers: list[float]) -> dp_accounting.DpEvent:
+    """Client level, a Gaussian mechanism per round with the multiplier that round reached."""
+    return dp_accounting.ComposedDpEvent([dp_accounting.GaussianDpEvent(z) for z in noise_multipliers])
+
+
 def epsilon_of(event: dp_accounting.DpEvent, delta: float, accountant: str = "rdp") -> float:
     """Epsilon at `delta` of an event; inf without noise, 0 for no steps."""
     acc = _accountant(accountant)

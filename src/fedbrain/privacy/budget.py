@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from fedbrain.privacy.accountant import CLIENT_SAMPLING, SAMPLING, ExampleLevelPlan, client_event, epsilon_of
+from fedbrain.privacy.accountant import CLIENT_SAMPLING, SAMPLING, ExampleLevelPlan, client_rounds_event, epsilon_of
 from fedbrain.privacy.settings import DEFAULT_DELTA, PrivacySettings
 
 # MetricRecord keys of a hospital's reply.
@@ -66,10 +66,13 @@ class PrivacyLedger:
     deltas: dict[str, float] = field(default_factory=dict)
     refused: list[str] = field(default_factory=list)
     stopped: str | None = None
+    # Client level: the noise multiplier each round reached (client_level.noise_share), by round.
+    client_multipliers: dict[int, float] = field(default_factory=dict)
 
-    def record(self, server_round: int, reports: dict[str, dict]) -> dict[str, float]:
+    def record(self, server_round: int, reports: dict[str, dict], noise_share: float = 1.0) -> dict[str, float]:
         """Take a round's reports ({hospital: its figures}); returns the round's largest epsilon
-        for MLflow (each hospital's is logged with its other figures)."""
+        for MLflow (each hospital's is logged with its other figures). `noise_share`: client
+        level, the share of the planned multiplier this round's noise reached."""
         metrics: dict[str, float] = {}
         if self.settings.mode == "example":
             for k, report in reports.items():
@@ -80,6 +83,7 @@ class PrivacyLedger:
                 if report.get(BUDGET_REFUSED):
                     self.refused.append(k)
         elif self.settings.mode == "client":
+            self.client_multipliers[server_round] = self.settings.client_noise(self.rounds) * noise_share
             self.epsilons = {"all": self.client_epsilon(server_round)}
             self.next_epsilons = {"all": self.client_epsilon(server_round + 1)}
             self.deltas = {"all": self.settings.delta or DEFAULT_DELTA}
@@ -88,10 +92,13 @@ class PrivacyLedger:
         return metrics
 
     def client_epsilon(self, rounds: int) -> float:
-        sigma = self.settings.client_noise(self.rounds)
-        if sigma <= 0:
+        """After `rounds` rounds: each recorded round with the multiplier it reached, any other (a
+        round before a resume, or the next one) with the planned multiplier."""
+        planned = self.settings.client_noise(self.rounds)
+        sigmas = [self.client_multipliers.get(r, planned) for r in range(1, rounds + 1)]
+        if any(s <= 0 for s in sigmas):
             return math.inf
-        return epsilon_of(client_event(sigma, rounds), self.settings.delta or DEFAULT_DELTA, self.settings.accountant)
+        return epsilon_of(client_rounds_event(sigmas), self.settings.delta or DEFAULT_DELTA, self.settings.accountant)
 
     @property
     def epsilon(self) -> float | None:

@@ -1,6 +1,7 @@
 """The federated variants side by side on the real 4-class set (not a test).
 
   .venv/bin/python bench/variants.py [fedavg paillier dp secure ...] [--rounds R] [--local-epochs E] [--reuse]
+                                     [--threads T]
 
 Each named variant (params.yaml `variants`) trains the classifier on brain-tumor-mri/Training,
 3 hospitals, Dirichlet alpha 0.5, through the real Deployment Engine (TLS and SuperNode
@@ -86,12 +87,15 @@ def main() -> None:
     parser.add_argument("--rounds", type=int)
     parser.add_argument("--local-epochs", type=int)
     parser.add_argument("--reuse", action="store_true", help="keep models an earlier call trained")
+    parser.add_argument("--threads", type=int, help="federated.hospital_threads (default: params.yaml's); runs "
+                        "compared for round time need the same")
     args = parser.parse_args()
     defined = load_params(BENCH.parent / "params.yaml").get("variants", {})
     if unknown := [v for v in args.variants if v not in defined]:
         parser.error(f"unknown variant(s) {unknown}; params.yaml defines {sorted(defined)}")
     name, root, partition = federated.DATASETS["classifier"]
-    overrides = {k: v for k, v in (("rounds", args.rounds), ("local_epochs", args.local_epochs)) if v}
+    overrides = {k: v for k, v in (("rounds", args.rounds), ("local_epochs", args.local_epochs),
+                                   ("hospital_threads", args.threads)) if v}
     params = federated.bench_params(root, partition, "classifier", overrides)
     params["variants"] = defined
     processed, parts = centralized.prepare(name, root, params)

@@ -34,7 +34,7 @@ from fedbrain.federated.encrypted import TOTAL
 from fedbrain.federated.task import (CALIBRATION_WEIGHT_KEY, PREVIOUS_STATISTICS, STATISTICS, VAL_WEIGHT_KEY,
                                     WEIGHT_KEY, RunSettings, batch_norm_statistics, build, evaluate_locally,
                                     hospital_data, returned_epoch, set_batch_norm_statistics, train_locally,
-                                    weights_of, weights_record)
+                                    trainable_positions, weights_of, weights_record)
 from fedbrain.privacy.budget import HospitalPrivacy
 from fedbrain.privacy.client_level import noised_update
 
@@ -189,6 +189,8 @@ def _round(msg: Message, context: Context, train: bool) -> Message:
         if train:
             (trained,), (sent,) = (weights_record(w).to_numpy_ndarrays() for w in (model.get_weights(), received))
             update = trained.astype(np.float64) - sent
+            # Moving statistics travel as encrypted statistics (above), not as part of the update.
+            update[~trainable_positions(model)] = 0.0
             if settings.privacy.mode == "client":  # clipped, with this hospital's share of the noise
                 update = noised_update(sent.astype(np.float64), trained, settings.privacy.l2_norm_clip,
                                        settings.privacy.client_noise(settings.rounds), int(config[TOTAL]))

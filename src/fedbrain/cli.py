@@ -143,5 +143,18 @@ def audit_verify(log):
                f"hospitals [{', '.join(result.hospitals)}], last hash {result.last_sha256[:12]}")
 
 
+@main.group()
+def pipeline():
+    """The Kubeflow pipeline (components/, pipelines/)."""
+
+
+@pipeline.command(name="compile")
+@PARAMS
+@click.option("--out", default="pipeline.yaml", show_default=True, type=click.Path(path_type=Path))
+def pipeline_compile(params_path, out):
+    """Compile the pipeline to KFP IR YAML; params.yaml's content and variants are compiled in."""
+    _run("pipeline", "run", params_path, out=out)
+
+
 if __name__ == "__main__":
     main()

@@ -20,6 +20,7 @@ from kfp import dsl
 from components import (evaluate_component, ingest, partition, preprocess, train_centralized, train_federated,
                         validate)
 from components.stages import federated_input_name
+from fedbrain.config import pipeline_variants
 
 NAME = "fedbrain"
 
@@ -30,7 +31,7 @@ TRAIN_CPU, TRAIN_MEMORY = "2", "8G"
 
 def build_pipeline(params: dict):
     """The pipeline function for these params (their variants and defaults are compiled in)."""
-    variants = list(params.get("variants") or {})
+    variants = pipeline_variants(params)
     evaluate = evaluate_component(variants)
     default_params = json.dumps(params)
     default_data = str((params.get("data") or {}).get("root", ""))

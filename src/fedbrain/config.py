@@ -73,3 +73,15 @@ def with_variant(params: dict[str, Any], name: str | None) -> dict[str, Any]:
     if unknown:
         raise InputError(f"params.yaml: 'variants.{name}' overrides unknown section(s) {', '.join(unknown)}")
     return merged(params, overrides) | {"variant": name}
+
+
+def pipeline_variants(params: dict[str, Any]) -> list[str]:
+    """The federated variants `dvc repro` and the Kubeflow pipeline train (params.yaml
+    `pipeline_variants`, each defined under `variants`)."""
+    names = params.get("pipeline_variants", list(params.get("variants") or {}))
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise InputError("params.yaml: 'pipeline_variants' must be a list of variant names")
+    missing = [n for n in names if n not in (params.get("variants") or {})]
+    if missing:
+        raise InputError(f"params.yaml: 'pipeline_variants' names {', '.join(missing)}, not defined under 'variants'")
+    return names

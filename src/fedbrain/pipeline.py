@@ -17,6 +17,7 @@ import importlib
 import sys
 from pathlib import Path
 
+from fedbrain.config import pipeline_variants
 from fedbrain.errors import InputError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -48,7 +49,7 @@ def compile_pipeline(params: dict, out: str | Path = "pipeline.yaml") -> Path:
 def run(params: dict, out: str | Path = "pipeline.yaml") -> Path:
     """The `fedbrain pipeline compile` command."""
     path = compile_pipeline(params, out)
-    variants = ", ".join(params.get("variants") or {}) or "none"
+    variants = ", ".join(pipeline_variants(params)) or "none"
     print(f"pipeline: compiled to {path} (federated variants: {variants})")
     return path
 

@@ -45,7 +45,7 @@ def ir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def variants():
-    return list(load_params(PROJECT / "params.yaml")["variants"])
+    return load_params(PROJECT / "params.yaml")["pipeline_variants"]
 
 
 def tasks(ir: dict) -> dict:
@@ -180,6 +180,7 @@ def test_committed_pipeline_yaml_is_a_fresh_compile(tmp_path):
 def test_variants_are_compiled_in(tmp_path):
     params = load_params(PROJECT / "params.yaml")
     params["variants"] = {"fedavg": {}, "dp-strong": {"privacy": {"mode": "example"}}}
+    params["pipeline_variants"] = ["fedavg", "dp-strong"]
     _, ir = compiled(tmp_path, params)
     assert list(federated_tasks(ir)) == ["fedavg", "dp-strong"]
     assert "federated_dp_strong" in component_of(ir, "evaluate")["inputDefinitions"]["artifacts"]

@@ -68,6 +68,17 @@ def make_federated_data(root: Path, hospitals: int, train_per_class: int = 3, va
     return processed, partition
 
 
+def isolate(monkeypatch) -> None:
+    """A federation test's processes: only its params' MLflow store counts, tests/federated is on their
+    PYTHONPATH (tiny_model.py), and TensorFlow keeps to one thread each."""
+    tests_dir = Path(__file__).resolve().parent
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(tests_dir), os.environ.get("PYTHONPATH")])))
+    monkeypatch.setenv("TF_NUM_INTRAOP_THREADS", "1")
+    monkeypatch.setenv("TF_NUM_INTEROP_THREADS", "1")
+
+
 def federated_params(tmp_path: Path, rounds: int = 2, **federated) -> dict:
     """params.yaml content for a tiny federation, with its MLflow store and keys inside tmp_path."""
     return {

@@ -8,7 +8,6 @@ statistics arrive as ciphertexts only, and the private key is given to no server
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -24,19 +23,14 @@ from fedbrain.federated.certificates import ensure_pki
 from fedbrain.federated.launcher import Federation
 from fedbrain.secure import paillier
 
-from federated_data import federated_params, make_federated_data
+from federated_data import federated_params, isolate, make_federated_data
 from test_federation import federation_processes, trained
 
-TESTS_DIR = Path(__file__).resolve().parent
 
 
 @pytest.fixture(autouse=True)
 def _tiny_model_and_own_mlflow(monkeypatch):
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(TESTS_DIR), os.environ.get("PYTHONPATH")])))
-    monkeypatch.setenv("TF_NUM_INTRAOP_THREADS", "1")
-    monkeypatch.setenv("TF_NUM_INTEROP_THREADS", "1")
+    isolate(monkeypatch)
 
 
 def paillier_params(tmp_path: Path, rounds: int, model: str = "tiny_model:build") -> dict:

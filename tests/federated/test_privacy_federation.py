@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 
 import dp_accounting
@@ -23,19 +22,14 @@ from mlflow.tracking import MlflowClient
 from fedbrain.errors import InputError
 from fedbrain.federated import launcher
 
-from federated_data import federated_params, make_federated_data
+from federated_data import federated_params, isolate, make_federated_data
 
-TESTS_DIR = Path(__file__).resolve().parent
 EXAMPLES, BATCH = 12, 8  # per hospital (make_federated_data: 3 per class x 4 classes)
 
 
 @pytest.fixture(autouse=True)
 def _tiny_model_and_own_mlflow(monkeypatch):
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(TESTS_DIR), os.environ.get("PYTHONPATH")])))
-    monkeypatch.setenv("TF_NUM_INTRAOP_THREADS", "1")
-    monkeypatch.setenv("TF_NUM_INTEROP_THREADS", "1")
+    isolate(monkeypatch)
 
 
 def dp_params(tmp_path: Path, rounds: int, **privacy) -> dict:

@@ -417,12 +417,7 @@ def _privacy_plan(params: dict, opts: dict, role: str, examples: int, epochs: in
     if privacy.mode == "client":
         raise InputError("params.yaml: privacy.mode client protects a hospital's whole update and has no meaning "
                          "for the pooled run; use mode example (DP-SGD) or none for train-centralized")
-    if get(opts, "normalization", str, f"train.{role}", default="batch") != "group":
-        raise InputError(f"params.yaml: privacy.mode example needs a network without BatchNormalization "
-                         f"(it mixes the examples of a batch): set train.{role}.normalization: group")
-    if get(opts, "oversample_tumour", int, f"train.{role}", default=1) > 1:
-        raise InputError(f"params.yaml: privacy.mode example counts each image once per epoch; set "
-                         f"train.{role}.oversample_tumour: 1")
+    privacy.check_training(opts, role)
     batch = get(opts, "batch_size", int, f"train.{role}")
     return privacy, privacy.example_plan(examples, batch, epochs, rounds=1)
 

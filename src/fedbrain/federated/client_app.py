@@ -30,7 +30,7 @@ from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import fixedclipping_mod
 from flwr.common.differential_privacy_constants import KEY_CLIPPING_NORM
 
-from fedbrain.federated.encrypted import TOTAL
+from fedbrain.federated.encrypted import TOTAL, EncryptionSettings, HospitalCipher
 from fedbrain.federated.task import (CALIBRATION_WEIGHT_KEY, PREVIOUS_STATISTICS, STATISTICS, VAL_WEIGHT_KEY,
                                     WEIGHT_KEY, RunSettings, batch_norm_statistics, build, evaluate_locally,
                                     hospital_data, returned_epoch, set_batch_norm_statistics, train_locally,
@@ -72,8 +72,6 @@ def _cipher(settings: RunSettings, context: Context):
     if not settings.encrypted:
         return None
     if context.run_id not in _CIPHERS:
-        from fedbrain.federated.encrypted import EncryptionSettings, HospitalCipher
-
         path = context.node_config.get("paillier-private-key")
         if not path:
             raise RuntimeError(f"hospital {_hospital(context)}: the run encrypts its updates but this SuperNode has "

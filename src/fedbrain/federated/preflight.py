@@ -32,14 +32,7 @@ def check_privacy(params: dict, settings, roles: list[str], examples: dict[int, 
     if not privacy.enabled:
         return
     for role in roles:
-        training = settings.hospital_training(params, role)
-        if training.get("normalization", "batch") != "group":
-            raise InputError(f"params.yaml: privacy.mode {privacy.mode} needs a network without BatchNormalization "
-                             f"(its statistics mix examples and travel to the server): set "
-                             f"train.{role}.normalization: group")
-        if privacy.mode == "example" and int(training.get("oversample_tumour", 1)) > 1:
-            raise InputError(f"params.yaml: privacy.mode example counts each image once per epoch; set "
-                             f"train.{role}.oversample_tumour: 1 (it repeats tumour slices)")
+        privacy.check_training(settings.hospital_training(params, role), role)
     if privacy.mode == "client":
         if settings.fraction_train < 1.0:
             raise InputError("params.yaml: privacy.mode client is accounted with every hospital in every round; "

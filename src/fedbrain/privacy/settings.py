@@ -82,6 +82,18 @@ class PrivacySettings:
                 raise InputError(f"params.yaml: 'privacy.target_epsilon' {self.target_epsilon} exceeds "
                                  f"'privacy.epsilon_budget' {self.epsilon_budget}; lower the target or raise the budget")
 
+    def check_training(self, training: dict, role: str) -> None:
+        """A network DP can train: no BatchNormalization (it mixes the examples of a batch, and its
+        statistics would travel to the server), and at example level every image once per epoch."""
+        if not self.enabled:
+            return
+        if training.get("normalization", "batch") != "group":
+            raise InputError(f"params.yaml: privacy.mode {self.mode} needs a network without BatchNormalization "
+                             f"(it mixes the examples of a batch): set train.{role}.normalization: group")
+        if self.mode == "example" and int(training.get("oversample_tumour", 1)) > 1:
+            raise InputError(f"params.yaml: privacy.mode example counts each image once per epoch; set "
+                             f"train.{role}.oversample_tumour: 1 (it repeats tumour slices)")
+
     def delta_for(self, examples: int) -> float:
         """The delta of a hospital (or pooled run) with `examples` training images."""
         if examples < 1:

@@ -31,6 +31,7 @@ from flwr.clientapp.mod import fixedclipping_mod
 from flwr.common.differential_privacy_constants import KEY_CLIPPING_NORM
 
 from fedbrain.federated.encrypted import TOTAL, EncryptionSettings, HospitalCipher
+from fedbrain.federated.phases import Phases, fit_timer
 from fedbrain.federated.task import (CALIBRATION_WEIGHT_KEY, PREVIOUS_STATISTICS, STATISTICS, VAL_WEIGHT_KEY,
                                     WEIGHT_KEY, RunSettings, batch_norm_statistics, build, evaluate_locally,
                                     hospital_data, returned_epoch, set_batch_norm_statistics, train_locally,
@@ -108,6 +109,8 @@ def _model(settings: RunSettings, run_id: int, learning_rate: float | None = Non
         _MODELS.clear()  # one run at a time: drop an earlier run's model and weights
         _RECEIVED.clear()
         tf.keras.backend.clear_session()
+        # Once per run, not per round (train.fit says why); per hospital, so dropout differs between them.
+        tf.keras.utils.set_random_seed(settings.seed + hospital)
         privacy = _privacy(settings, run_id, hospital)
         model = _MODELS[run_id] = build(settings, noise_multiplier=privacy and privacy.plan.noise_multiplier)
     tf.keras.backend.set_value(model.optimizer.learning_rate, learning_rate or settings.learning_rate)
@@ -142,32 +145,40 @@ def _evaluate_previous(model, msg: Message, context: Context, settings: RunSetti
 
 
 def _round(msg: Message, context: Context, train: bool) -> Message:
-    settings = RunSettings.from_run_config(context.run_config)
-    hospital = _hospital(context)
-    config = msg.content["config"]
-    server_round = int(config["server-round"])
-    # The server's per-round learning-rate share (task.lr_scale), applied to train.<role>'s rate.
-    model = _model(settings, context.run_id, settings.learning_rate * float(config.get("lr-scale", 1.0)), hospital)
-    metrics = {"hospital": hospital, **_evaluate_previous(model, msg, context, settings, hospital)}
-
-    received = weights_of(msg.content["arrays"], model)
-    model.set_weights(received)
+    phases = Phases()  # every step below is timed: bench/round_cost.py takes the round apart
+    with phases("settings"):
+        settings = RunSettings.from_run_config(context.run_config)
+        hospital = _hospital(context)
+        config = msg.content["config"]
+        server_round = int(config["server-round"])
+        cipher = _cipher(settings, context)
+        privacy = _privacy(settings, context.run_id, hospital)
+    with phases("model"):
+        # The server's per-round learning-rate share (task.lr_scale), applied to train.<role>'s rate.
+        model = _model(settings, context.run_id, settings.learning_rate * float(config.get("lr-scale", 1.0)), hospital)
+    with phases("evaluate-previous"):
+        metrics = {"hospital": hospital, **_evaluate_previous(model, msg, context, settings, hospital)}
+    with phases("decode"):
+        received = weights_of(msg.content["arrays"], model)
+        model.set_weights(received)
     content = RecordDict()
-    cipher = _cipher(settings, context)
-    stats, images, seconds = batch_norm_statistics(model, settings, hospital)
+    with phases("calibration"):
+        stats, images, seconds = batch_norm_statistics(model, settings, hospital)
     metrics.update({CALIBRATION_WEIGHT_KEY: images, "calibration-time-s": seconds})
     if stats and cipher is None:  # a model without BatchNormalization (the DP forms) has none to send
         content[STATISTICS] = ArrayRecord(stats)
-    privacy = _privacy(settings, context.run_id, hospital)
     if train and privacy is not None and privacy.refuses(server_round):
         # Training would cross privacy.epsilon_budget: no update, the server stops the run.
         metrics.update({**privacy.report(server_round, trained=False), WEIGHT_KEY: 0})
         train = False
+    timer = None
     if train:
         # Training normalises with batch statistics; this hospital's own statistics of the received
         # weights make the local validation of the first epochs meaningful.
         set_batch_norm_statistics(model, stats)
-        history, seconds, examples = train_locally(model, settings, hospital, server_round)
+        timer = fit_timer()
+        history, seconds, examples = train_locally(model, settings, hospital, server_round, callbacks=[timer])
+        phases.add_fit(timer, seconds)
         # The epoch whose weights go back (fit keeps the best on local validation): train_loss,
         # train_accuracy|train_dice on this hospital's train split, and local_val_* of that model
         # on its own validation split. Under DP-SGD train_* are left out: they are computed on the
@@ -179,24 +190,26 @@ def _round(msg: Message, context: Context, train: bool) -> Message:
         if privacy is not None:
             metrics.update(privacy.report(server_round))
         if cipher is None:
-            content["arrays"] = weights_record(model.get_weights())
+            with phases("encode"):
+                content["arrays"] = weights_record(model.get_weights())
     if cipher is not None:
         # Only ciphertexts of this hospital's update and statistics leave it (encrypted.py).
-        start = time.perf_counter()
-        update, weight = None, images
-        if train:
-            (trained,), (sent,) = (weights_record(w).to_numpy_ndarrays() for w in (model.get_weights(), received))
-            update = trained.astype(np.float64) - sent
-            # Moving statistics travel as encrypted statistics (above), not as part of the update.
-            update[~trainable_positions(model)] = 0.0
-            if settings.privacy.mode == "client":  # clipped, with this hospital's share of the noise
-                update = noised_update(sent.astype(np.float64), trained, settings.privacy.l2_norm_clip,
-                                       settings.privacy.client_noise(settings.rounds), int(config[TOTAL]))
-                weight = 1  # an unweighted mean: each hospital sends 1 / m of its update
-        cipher.encrypt_reply(content, config, update, stats, weight, hospital, server_round)
-        metrics["encryption-time-s"] = time.perf_counter() - start
-    content["metrics"] = MetricRecord(metrics)
+        with phases("encryption"):
+            start = time.perf_counter()
+            update, weight = None, images
+            if train:
+                (trained,), (sent,) = (weights_record(w).to_numpy_ndarrays() for w in (model.get_weights(), received))
+                update = trained.astype(np.float64) - sent
+                # Moving statistics travel as encrypted statistics (above), not as part of the update.
+                update[~trainable_positions(model)] = 0.0
+                if settings.privacy.mode == "client":  # clipped, with this hospital's share of the noise
+                    update = noised_update(sent.astype(np.float64), trained, settings.privacy.l2_norm_clip,
+                                           settings.privacy.client_noise(settings.rounds), int(config[TOTAL]))
+                    weight = 1  # an unweighted mean: each hospital sends 1 / m of its update
+            cipher.encrypt_reply(content, config, update, stats, weight, hospital, server_round)
+            metrics["encryption-time-s"] = time.perf_counter() - start
     _RECEIVED[context.run_id] = (int(config["weights-round"]), received)
+    content["metrics"] = MetricRecord({**metrics, **phases.metrics(timer)})
     return Message(content=content, reply_to=msg)
 
 

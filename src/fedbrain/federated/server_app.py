@@ -58,6 +58,7 @@ from fedbrain.federated.strategy import HospitalFedAvg, content_bytes
 from fedbrain.federated.task import (PREVIOUS_STATISTICS, VAL_WEIGHT_KEY, WEIGHT_KEY, RunSettings,
                                     batch_norm_layers, build, lr_scale, set_batch_norm_statistics,
                                     weights_of, weights_record)
+from fedbrain.federated.phases import is_phase
 from fedbrain.federated.waits import limit_object_pulls, shorten_object_pulls
 from fedbrain.privacy.budget import PRIVACY_KEYS, PrivacyLedger
 from fedbrain.secure.audit import AuditLog, reply_entry
@@ -144,11 +145,14 @@ def _failures(strategy: HospitalFedAvg, unanswered: list[Message], known: dict[i
 
 
 def _add_times(hospital: dict, report: dict) -> None:
-    """Add a reply's calibration and evaluation seconds to the hospital's figures for the round."""
-    for name in ("calibration", "evaluation", "encryption"):
-        if f"{name}-time-s" in report:
-            key = f"{name}_time_s"
-            hospital[key] = hospital.get(key, 0.0) + float(report[f"{name}-time-s"])
+    """Add a reply's calibration, evaluation and phase seconds (phases.py) to the hospital's
+    figures for the round (the last round has more than one message)."""
+    for name, value in report.items():
+        if name.endswith("-time-s") or is_phase(name):
+            key = name.replace("-time-s", "_time_s").replace("-", "_")
+            hospital[key] = hospital.get(key, 0.0) + float(value)
+    if "steady-epoch-s" in report:
+        hospital["steady_epoch_s"] = float(report["steady-epoch-s"])
 
 
 def _metric_values(report: dict, prefixes: tuple[str, ...]) -> dict[str, float]:

@@ -18,6 +18,7 @@ from flwr.app import Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping, FedAvg
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
+from fedbrain.federated.phases import is_phase
 from fedbrain.federated.task import CALIBRATION_WEIGHT_KEY, META_KEYS, STATISTICS, VAL_WEIGHT_KEY, WEIGHT_KEY
 
 
@@ -31,7 +32,8 @@ def average_metrics(records: list[RecordDict], weight_key: str) -> MetricRecord:
     for record in records:
         metrics = next(iter(record.metric_records.values()))
         for group, (kept, key) in groups.items():
-            values = {k: v for k, v in metrics.items() if k not in META_KEYS and k.startswith("val_") == (group == "val")}
+            values = {k: v for k, v in metrics.items()
+                      if k not in META_KEYS and not is_phase(k) and k.startswith("val_") == (group == "val")}
             if values and metrics.get(key, 0) > 0:
                 kept.append(RecordDict({"metrics": MetricRecord({**values, key: metrics[key]})}))
     averaged = MetricRecord()

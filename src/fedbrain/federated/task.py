@@ -35,6 +35,7 @@ PREVIOUS_STATISTICS = "previous-statistics"
 CALIBRATION_WEIGHT_KEY = "calibration-images"
 META_KEYS = (WEIGHT_KEY, VAL_WEIGHT_KEY, CALIBRATION_WEIGHT_KEY, "hospital", "train-time-s", "epochs-run",
              "calibration-time-s", "evaluation-time-s", "encryption-time-s", "decryption-time-s", "ciphertexts",
+             "steady-epoch-s",
              *PRIVACY_KEYS)
 
 
@@ -171,7 +172,8 @@ def returned_epoch(history: dict[str, list[float]], train_params: dict) -> int:
     return values.index(best(values))
 
 
-def train_locally(model, settings: RunSettings, hospital: int, server_round: int) -> tuple[dict, float, int]:
+def train_locally(model, settings: RunSettings, hospital: int, server_round: int, callbacks=()
+                  ) -> tuple[dict, float, int]:
     """`local_epochs` of the baseline's `fit` on this hospital's data: (history, seconds, examples)."""
     from fedbrain.train import fit
 
@@ -180,7 +182,8 @@ def train_locally(model, settings: RunSettings, hospital: int, server_round: int
     seed = settings.seed + 1000 * server_round + hospital
     start = time.perf_counter()
     history = fit(model, train, val, settings.task, settings.train_params, epochs=settings.local_epochs,
-                  seed=seed, class_weight=bool(settings.train_params.get("class_weight", True)), verbose=0)
+                  seed=seed, class_weight=bool(settings.train_params.get("class_weight", True)), callbacks=callbacks,
+                  verbose=0)
     return history, time.perf_counter() - start, len(train)
 
 

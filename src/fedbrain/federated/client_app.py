@@ -175,7 +175,8 @@ def _round(msg: Message, context: Context, train: bool) -> Message:
     if train:
         # Training normalises with batch statistics; this hospital's own statistics of the received
         # weights make the local validation of the first epochs meaningful.
-        set_batch_norm_statistics(model, stats)
+        with phases("set-statistics"):
+            set_batch_norm_statistics(model, stats)
         timer = fit_timer()
         history, seconds, examples = train_locally(model, settings, hospital, server_round, callbacks=[timer])
         phases.add_fit(timer, seconds)
@@ -183,12 +184,13 @@ def _round(msg: Message, context: Context, train: bool) -> Message:
         # train_accuracy|train_dice on this hospital's train split, and local_val_* of that model
         # on its own validation split. Under DP-SGD train_* are left out: they are computed on the
         # training images without noise, outside what the epsilon covers.
-        epoch = returned_epoch(history, settings.train_params)
-        metrics.update({_train_name(key): float(values[epoch]) for key, values in history.items()
-                        if len(values) > epoch and key != "lr" and (privacy is None or key.startswith("val_"))})
-        metrics.update({WEIGHT_KEY: examples, "train-time-s": seconds, "epochs-run": len(history.get("loss", []))})
-        if privacy is not None:
-            metrics.update(privacy.report(server_round))
+        with phases("results"):
+            epoch = returned_epoch(history, settings.train_params)
+            metrics.update({_train_name(key): float(values[epoch]) for key, values in history.items()
+                            if len(values) > epoch and key != "lr" and (privacy is None or key.startswith("val_"))})
+            metrics.update({WEIGHT_KEY: examples, "train-time-s": seconds, "epochs-run": len(history.get("loss", []))})
+            if privacy is not None:
+                metrics.update(privacy.report(server_round))
         if cipher is None:
             with phases("encode"):
                 content["arrays"] = weights_record(model.get_weights())

@@ -26,7 +26,6 @@ sample and <= 1.1 on the full set.
 from __future__ import annotations
 
 import argparse
-import copy
 import os
 import statistics
 import sys
@@ -122,7 +121,7 @@ def centralized_epoch(params: dict, processed: Path, parts: Path, epochs: int) -
 
 def bench(name: str, rounds: int) -> tuple[float, float]:
     params = bench_params(name, rounds)
-    processed, parts = centralized.prepare(f"round-cost-{name}", Path(params["data"]["root"]), copy.deepcopy(params))
+    processed, parts = centralized.prepare(f"round-cost-{name}", Path(params["data"]["root"]), params)
     out = WORK / name / "fedavg"
     start = time.perf_counter()
     launcher.run(params, processed, parts, out, echo=lambda line: print(f"  | {line}", flush=True))

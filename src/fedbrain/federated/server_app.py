@@ -54,11 +54,11 @@ from flwr.serverapp import Grid, ServerApp
 from fedbrain.federated.encrypted import EncryptedAggregation, EncryptionSettings
 from fedbrain.federated.records import (Checkpoints, Evaluation, RoundRecord, Tracking, atomic_write_text,
                                        history_of, merge_evaluation)
+from fedbrain.federated.phases import is_phase
 from fedbrain.federated.strategy import HospitalFedAvg, content_bytes
 from fedbrain.federated.task import (PREVIOUS_STATISTICS, VAL_WEIGHT_KEY, WEIGHT_KEY, RunSettings,
                                     batch_norm_layers, build, lr_scale, set_batch_norm_statistics,
                                     weights_of, weights_record)
-from fedbrain.federated.phases import is_phase
 from fedbrain.federated.waits import limit_object_pulls, shorten_object_pulls
 from fedbrain.privacy.budget import PRIVACY_KEYS, PrivacyLedger
 from fedbrain.secure.audit import AuditLog, reply_entry

@@ -36,6 +36,7 @@ from federated_data import federated_params, make_federated_data
 TESTS_DIR = Path(__file__).resolve().parent
 TINY = "tiny_model:build"              # with BatchNormalization: statistics calibrated every round
 TINY_PLAIN = "tiny_model:build_plain"  # without: less to compute, for the longer scenarios
+TINY_SLOW = "tiny_model:build_slow"    # TINY_PLAIN whose training steps take 1.5 s: killed while it trains
 
 
 @pytest.fixture(autouse=True)
@@ -260,7 +261,7 @@ def test_crashed_supernode_does_not_stop_the_run_and_a_late_one_joins(tmp_path, 
     the launcher then stops its SuperNode); start a 4th during round 2."""
     processed, partition = make_federated_data(tmp_path / "data", hospitals=4)
     out = tmp_path / "models" / "federated" / "fedavg"
-    params = launcher.tracking_params(tiny_params(tmp_path, rounds=4, model=TINY_PLAIN))
+    params = launcher.tracking_params(tiny_params(tmp_path, rounds=4, model=TINY_SLOW))
     settings, roles, _ = launcher.prepare(params, processed, partition, out, resume=False)
     config = launcher.run_config(settings, params, "classifier", processed, partition, out, resume=False,
                                  secure=True)

@@ -249,8 +249,11 @@ def test_objects_that_never_arrive_give_up_when_the_phase_ends(monkeypatch):
     with pytest.raises(ObjectUnavailableError):
         inflatable_utils.pull_objects(["a" * 64], never)
     assert time.monotonic() - start < 5.0  # the limit, a backoff step and thread start-up
-    waits.limit_object_pulls(1e9)  # never more than Flower's own limit
-    assert inflatable_utils.pull_objects.__kwdefaults__["max_time"] == inflatable_utils.PULL_MAX_TIME
+    # However long the phase, one reply's objects never hold it longer than REPLY_OBJECTS_WAIT_S
+    # (the other replies of the round would wait behind it), nor longer than Flower's own limit.
+    waits.limit_object_pulls(1e9)
+    assert inflatable_utils.pull_objects.__kwdefaults__["max_time"] == waits.REPLY_OBJECTS_WAIT_S
+    assert waits.REPLY_OBJECTS_WAIT_S < inflatable_utils.PULL_MAX_TIME
 
 
 def test_a_hospital_keeps_its_model_and_optimizer_state_between_rounds(tmp_path):

@@ -3,10 +3,14 @@
 Named in a test's params as ``model: "tiny_model:build"``; the tests put this folder on the
 PYTHONPATH of the SuperLink and SuperNodes they start, as a user would install their own model.
 ``build`` has a BatchNormalization layer (so runs exercise the statistics calibration, one more
-message per round); ``build_plain`` has none (no calibration phase: faster); ``build_segmenter`` maps an image to
+message per round); ``build_plain`` has none (no calibration phase: faster); ``build_slow`` is ``build_plain``
+with slow training steps (the crash test kills a hospital while it trains); ``build_segmenter`` maps an image to
 a tumour mask.
 """
 
+import time
+
+import numpy as np
 import tensorflow as tf
 
 
@@ -42,3 +46,26 @@ def build_group(input_shape, num_classes):
     x = tf.keras.layers.GlobalAveragePooling2D()(x)
     outputs = tf.keras.layers.Dense(num_classes, activation="softmax", name="probabilities")(x)
     return tf.keras.Model(inputs, outputs, name="tiny_group")
+
+
+# Seconds every training step of `build_slow` sleeps: the crash test must find its hospital still
+# training when it kills it, and the tiny model alone trains a round in well under its 0.5 s poll.
+SLOW_STEP_S = 1.5
+
+
+@tf.keras.utils.register_keras_serializable(package="tiny_model")
+class SlowTrainingStep(tf.keras.layers.Layer):
+    """The identity, but each training step waits SLOW_STEP_S (inference does not)."""
+
+    def call(self, x, training=None):
+        if not training:
+            return x
+        pause = tf.numpy_function(lambda: np.float32(time.sleep(SLOW_STEP_S) or 0.0), [], tf.float32)
+        return x + pause
+
+
+def build_slow(input_shape, num_classes):
+    """`build_plain` whose training steps take SLOW_STEP_S each."""
+    inputs = tf.keras.Input(input_shape, name="image")
+    model = build_plain(input_shape, num_classes)
+    return tf.keras.Model(inputs, model(SlowTrainingStep()(inputs)), name="tiny_slow")

@@ -25,6 +25,11 @@ import types
 
 WAIT_S = 0.2
 FIRST_RETRY_S = 0.05
+# The longest the ServerApp waits for the objects of one reply it has already been told of. A live
+# SuperNode uploads them right after the reply (seconds for the cnn's 11 MB, or a Paillier update,
+# on loopback); a reply whose SuperNode died between the two never completes, and one pull may
+# hold every other reply of the round behind it.
+REPLY_OBJECTS_WAIT_S = 60.0
 
 
 class ShortSleeps(types.ModuleType):
@@ -58,18 +63,21 @@ def shorten_object_pulls() -> None:
 
 
 def limit_object_pulls(seconds: float) -> None:
-    """Let a pull of a message's objects that starts now give up after `seconds` (Flower: 2 h).
+    """Let a pull of a message's objects that starts now give up after `seconds`, and never later
+    than REPLY_OBJECTS_WAIT_S (Flower: 2 h).
 
     The ServerApp sets this to the time left in the phase before it pulls replies. A SuperNode
     that dies after pushing its reply but before uploading the reply's objects leaves the reply
     registered with objects that never arrive; Flower's pull then retries for PULL_MAX_TIME and
     the round's `round-timeout` never comes into play (seen in the crash test: the ServerApp
     stalled in pull_objects). When the limit is reached Flower returns the reply as an error
-    message, which the round records as that hospital's failure."""
+    message, which the round records as that hospital's failure. Capped because the pull of that
+    reply held the whole round's remaining time: replies that arrived meanwhile were then past the
+    deadline and recorded as missing (seen: a live hospital's reply lost, the round 300 s long)."""
     from flwr.common import constant, inflatable_utils
 
     defaults = inflatable_utils.pull_objects.__kwdefaults__ or {}
     if "max_time" not in defaults:
         raise RuntimeError("flwr.common.inflatable_utils.pull_objects no longer takes max_time: "
                            "check fedbrain.federated.waits against this Flower version")
-    defaults["max_time"] = max(0.0, min(seconds, constant.PULL_MAX_TIME))
+    defaults["max_time"] = max(0.0, min(seconds, REPLY_OBJECTS_WAIT_S, constant.PULL_MAX_TIME))

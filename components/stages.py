@@ -147,11 +147,14 @@ def train_federated(params_json: str, variant: str, processed: Input[Dataset], p
                     model: Output[Model]):
     """fedbrain.federated.launcher.run for one params.yaml variant -> `model`/<variant>/.
 
-    For now the federation runs inside this task's pod, as `dvc repro` runs it on one machine:
-    the local launcher starts a SuperLink and one SuperNode per hospital as processes on loopback
-    (TLS and SuperNode authentication on, keys made in the pod). Running them as their own pods
-    (k8s/, a Kubernetes launcher) is a later part of the work. The model folder is named by the
-    variant, as models/federated/<variant>/ is under DVC (MLflow run names are taken from it).
+    With federated.launcher local (the default) the federation runs inside this task's pod, as
+    `dvc repro` runs it on one machine: a SuperLink and one SuperNode per hospital as processes on
+    loopback (TLS and SuperNode authentication on, keys made in the pod). With kubernetes (set in
+    params_json) the launcher makes it of pods of its own from k8s/base and deletes them after
+    (fedbrain/federated/cluster.py): the hospitals then train on their data claims, this task's
+    `partition` only being checked, and this pod needs a service account allowed to make them and the
+    label fedbrain/flower-control: "true". The model folder is named by the variant, as
+    models/federated/<variant>/ is under DVC (MLflow run names are taken from it).
     """
     import json
     import tempfile

@@ -15,7 +15,7 @@ Pipeline parameters:
 
 import json
 
-from kfp import dsl
+from kfp import dsl, kubernetes
 
 from components import (evaluate_component, ingest, partition, preprocess, train_centralized, train_federated,
                         validate)
@@ -27,6 +27,9 @@ NAME = "fedbrain"
 # Training tasks run TensorFlow (and a federated one a SuperLink plus a SuperNode per hospital):
 # what they ask the scheduler for. kfp.local ignores it.
 TRAIN_CPU, TRAIN_MEMORY = "2", "8G"
+# The label k8s/base's superlink-ingress policy admits to the SuperLink's Control API: a
+# train-federated task with `federated.launcher: kubernetes` submits its run there.
+FLOWER_CONTROL_LABEL = ("fedbrain/flower-control", "true")
 
 
 def build_pipeline(params: dict):
@@ -54,6 +57,7 @@ def build_pipeline(params: dict):
         for variant in variants:
             federated = train_federated(params_json=params_json, variant=variant, **data)
             federated.set_display_name(f"train-federated-{variant}")
+            kubernetes.add_pod_label(federated, *FLOWER_CONTROL_LABEL)
             training.append(federated)
             models[federated_input_name(variant)] = federated.outputs["model"]
         for task in training:

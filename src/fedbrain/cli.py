@@ -156,5 +156,39 @@ def pipeline_compile(params_path, out):
     _run("pipeline", "run", params_path, out=out)
 
 
+SETTINGS = click.argument("settings", nargs=-1, metavar="[SECTION.KEY=VALUE]...")
+
+
+@pipeline.command(name="run-local")
+@PARAMS
+@click.option("--root", "pipeline_root", default="build/kfp-local", show_default=True,
+              type=click.Path(path_type=Path), help="Where kfp.local keeps each task's artifacts.")
+@SETTINGS
+def pipeline_run_local(params_path, pipeline_root, settings):
+    """Run the whole pipeline on this machine with kfp.local (every task a subprocess)."""
+    _run("pipeline", "run_local", params_path, pipeline_root=pipeline_root, settings=settings)
+
+
+@pipeline.command(name="submit")
+@click.option("--host", required=True, help="Kubeflow Pipelines URL, e.g. http://localhost:8080.")
+@click.option("--experiment", required=True, help="The experiment the run is filed under (made if new).")
+@click.option("--pipeline", "pipeline_file", default="pipeline.yaml", show_default=True,
+              type=click.Path(path_type=Path))
+@click.option("--data-uri", help="The raw dataset's URI on the cluster (minio://, s3://, gs://).")
+@click.option("--run-name")
+@click.option("--namespace", help="The user namespace of a multi-user Kubeflow.")
+@SETTINGS
+def pipeline_submit(host, experiment, pipeline_file, data_uri, run_name, namespace, settings):
+    """Submit pipeline.yaml with kfp.Client; SECTION.KEY=VALUE settings override its params."""
+    from fedbrain import pipeline as kubeflow
+
+    try:
+        kubeflow.submit(pipeline_file, host, experiment, settings, data_uri=data_uri, run_name=run_name,
+                        namespace=namespace)
+    except InputError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(1)
+
+
 if __name__ == "__main__":
     main()

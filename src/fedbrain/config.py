@@ -85,3 +85,33 @@ def pipeline_variants(params: dict[str, Any]) -> list[str]:
     if missing:
         raise InputError(f"params.yaml: 'pipeline_variants' names {', '.join(missing)}, not defined under 'variants'")
     return names
+
+
+def with_settings(params: dict[str, Any], settings: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """params with `section.key=value` settings laid over it (values are read as YAML, so
+    `federated.rounds=3` is an int and `privacy.mode=example` a string); a copy.
+
+    Only settings params already has can be changed: a misspelt key names the keys it could be."""
+    out = merged(params, {})
+    for setting in settings:
+        dotted, sep, text = setting.partition("=")
+        if not sep or not dotted.strip():
+            raise InputError(f"setting {setting!r}: expected section.key=value, e.g. federated.rounds=3")
+        try:
+            value = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError as exc:
+            raise InputError(f"setting {setting!r}: the value is not valid YAML ({exc})") from exc
+        *path, key = dotted.strip().split(".")
+        target, where = out, []
+        for name in path:
+            child = target.get(name)
+            if not isinstance(child, dict):
+                raise InputError(f"setting {setting!r}: params.yaml has no section '{'.'.join([*where, name])}'; "
+                                 f"known here: {', '.join(sorted(target))}")
+            target[name] = child = dict(child)
+            target, where = child, [*where, name]
+        if key not in target:
+            raise InputError(f"setting {setting!r}: params.yaml has no '{'.'.join([*where, key])}'; "
+                             f"known here: {', '.join(sorted(target))}")
+        target[key] = value
+    return out

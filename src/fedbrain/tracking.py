@@ -44,7 +44,10 @@ def configure(params: dict) -> str:
     experiment = os.environ.get("MLFLOW_EXPERIMENT_NAME") or get(_section(params), "experiment", str, "mlflow",
                                                                  default=DEFAULT_EXPERIMENT)
     if mlflow.get_experiment_by_name(experiment) is None:
-        artifacts = _section(params).get("artifact_location")
+        # A tracking server keeps the artifacts itself (`mlflow server` serves them): a local folder
+        # named here would be a path on the server's disk that every client then writes to on its own.
+        remote = uri.startswith(("http://", "https://"))
+        artifacts = None if remote else _section(params).get("artifact_location")
         mlflow.create_experiment(experiment, artifact_location=artifacts)
     mlflow.set_experiment(experiment)
     return uri

@@ -1,4 +1,5 @@
-"""`dvc repro` on the embedded sample, in a copy of the project: all stages run, a second run does nothing."""
+"""`dvc repro` on the embedded sample, in a copy of the project: all stages run, a second run does nothing;
+and the same stages as a Kubeflow pipeline run by kfp.local leave the same results."""
 
 from __future__ import annotations
 
@@ -50,9 +51,21 @@ def dvc(*args, cwd):
                           capture_output=True, text=True, timeout=1800)
 
 
+@pytest.fixture(scope="module")
+def first_repro(project_copy):
+    return dvc("repro", cwd=project_copy)
+
+
+def mlflow_runs(project: Path) -> int:
+    import sqlite3
+
+    with sqlite3.connect(project / "mlflow.db") as db:
+        return db.execute("SELECT COUNT(*) FROM runs").fetchone()[0]
+
+
 @pytest.mark.slow
-def test_repro_twice_on_embedded_sample(project_copy):
-    first = dvc("repro", cwd=project_copy)
+def test_repro_twice_on_embedded_sample(project_copy, first_repro):
+    first = first_repro
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     for stage in STAGES:
         assert f"Running stage '{stage}'" in first.stdout
@@ -74,3 +87,44 @@ def test_repro_twice_on_embedded_sample(project_copy):
     dag = dvc("dag", cwd=project_copy)
     for stage in STAGES:
         assert stage in dag.stdout
+
+
+@pytest.mark.slow
+def test_kfp_local_run_leaves_the_same_results_as_dvc_repro(project_copy, first_repro, tmp_path):
+    """The whole pipeline (the pipelines/ DAG over the components/) run by kfp.local's SubprocessRunner,
+    every task a subprocess of this interpreter, from the same params as the dvc run: FedAvg only,
+    the secure variant's rounds are the dvc test's cost already. Data stages and the centralized
+    model are deterministic: their results must equal dvc's; the federated run is not bit-reproducible
+    (replies arrive in any order), so it must report the same metrics, with its own values."""
+    assert first_repro.returncode == 0, first_repro.stderr[-3000:]
+    runs_before = mlflow_runs(project_copy)
+    result = subprocess.run([sys.executable, "-m", "fedbrain.cli", "pipeline", "run-local", "--root",
+                             str(tmp_path / "kfp"), "pipeline_variants=[fedavg]"], cwd=project_copy,
+                            capture_output=True, text=True, timeout=1800)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    (run_dir,) = (tmp_path / "kfp").iterdir()
+    assert f"artifacts in {run_dir}" in result.stdout
+    tasks = {"ingest", "validate", "preprocess", "partition", "train-centralized", "train-federated", "evaluate"}
+    assert {p.name for p in run_dir.iterdir()} == tasks
+
+    def same_json(kfp_file: str, dvc_file: str):
+        assert json.loads((run_dir / kfp_file).read_text()) == json.loads((project_copy / dvc_file).read_text())
+
+    same_json("validate/report/summary.json", "reports/validation/summary.json")
+    same_json("partition/partition/report.json", "data/partition/report.json")
+    import pandas as pd
+
+    pd.testing.assert_frame_equal(pd.read_parquet(run_dir / "partition/partition/splits.parquet"),
+                                  pd.read_parquet(project_copy / "data/partition/splits.parquet"))
+    assert "<html" in (run_dir / "validate/data_docs").read_text().lower()  # the Data Docs page, an HTML artifact
+
+    kfp_metrics = json.loads((run_dir / "evaluate/reports/metrics.json").read_text())
+    dvc_metrics = json.loads((project_copy / "reports/metrics.json").read_text())
+    assert set(kfp_metrics) == {"centralized/classifier", "federated/fedavg/classifier"}
+    assert kfp_metrics["centralized/classifier"] == dvc_metrics["centralized/classifier"]
+    federated = kfp_metrics["federated/fedavg/classifier"]
+    assert set(federated) == set(dvc_metrics["federated/fedavg/classifier"])
+    assert 0.0 <= federated["test_accuracy"] <= 1.0 and 0.0 <= federated["mia_auc"] <= 1.0
+    # The tasks' MLflow runs land in the same store as dvc's (params tracking_uri, relative to the
+    # working directory): the centralized and the federated one at least.
+    assert mlflow_runs(project_copy) >= runs_before + 2

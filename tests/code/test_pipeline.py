@@ -35,7 +35,7 @@ def compiled(tmp_path, params: dict | None = None) -> tuple[str, dict]:
     params = params or load_params(PROJECT / "params.yaml")
     path = fedbrain_pipeline.compile_pipeline(params, tmp_path / "pipeline.yaml")
     text = path.read_text()
-    return text, yaml.safe_load(text)
+    return text, next(yaml.safe_load_all(text))  # the IR; a second document holds the Kubernetes platform spec
 
 
 @pytest.fixture(scope="module")
@@ -200,3 +200,22 @@ def test_cli_bad_params_file_is_one_line_error(tmp_path):
                              str(tmp_path / "missing.yaml"), "--out", str(tmp_path / "p.yaml")],
                             cwd=PROJECT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 1 and result.stderr.startswith("error:") and "Traceback" not in result.stderr
+
+
+def test_federated_tasks_carry_the_label_the_superlink_policy_admits(ir, variants):
+    """k8s/base's superlink-ingress admits Control API clients by this pod label: a train-federated
+    task with `federated.launcher: kubernetes` needs it; no other task gets it."""
+    from pipelines.fedbrain_pipeline import FLOWER_CONTROL_LABEL
+
+    policies = yaml.safe_load_all((PROJECT / "k8s" / "base" / "networkpolicy.yaml").read_text())
+    (superlink,) = [p for p in policies if p["metadata"]["name"] == "superlink-ingress"]
+    (control,) = [r for r in superlink["spec"]["ingress"] if r.get("ports") == [{"protocol": "TCP", "port": 9093}]]
+    key, value = FLOWER_CONTROL_LABEL
+    assert all(peer["podSelector"]["matchLabels"] == {key: value} for peer in control["from"])
+
+    with open(PROJECT / "pipeline.yaml") as f:
+        platform = [d for d in yaml.safe_load_all(f)][-1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    labelled = {executor for executor, spec in platform.items()
+                if spec.get("podMetadata", {}).get("labels", {}).get(key) == value}
+    federated = {component_of(ir, task)["executorLabel"] for task in federated_tasks(ir).values()}
+    assert labelled == federated and len(federated) == len(variants)

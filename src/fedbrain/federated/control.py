@@ -40,11 +40,21 @@ STREAM_REFRESH_S = 60
 class Control:
     """A Control API client for one SuperLink (TLS with our CA, or plaintext when insecure)."""
 
-    def __init__(self, address: str, root_certificates: Path | None):
-        self.channel = create_channel(
-            server_address=address, insecure=root_certificates is None,
-            root_certificates=None if root_certificates is None else Path(root_certificates).read_bytes(),
-            max_message_length=GRPC_MAX_MESSAGE_LENGTH)
+    def __init__(self, address: str, root_certificates: Path | None, server_name: str | None = None):
+        """`server_name`: the name to check the SuperLink's certificate against when the address's host is
+        another (the kubernetes launcher dials a Service's DNS name or a port-forward; the certificate
+        names the `superlink` Service, as the SuperNodes dial it)."""
+        if server_name is None or root_certificates is None:
+            self.channel = create_channel(
+                server_address=address, insecure=root_certificates is None,
+                root_certificates=None if root_certificates is None else Path(root_certificates).read_bytes(),
+                max_message_length=GRPC_MAX_MESSAGE_LENGTH)
+        else:  # create_channel takes no channel options
+            self.channel = grpc.secure_channel(
+                address, grpc.ssl_channel_credentials(Path(root_certificates).read_bytes()),
+                options=[("grpc.max_send_message_length", GRPC_MAX_MESSAGE_LENGTH),
+                         ("grpc.max_receive_message_length", GRPC_MAX_MESSAGE_LENGTH),
+                         ("grpc.ssl_target_name_override", server_name)])
         self.stub = ControlStub(self.channel)
 
     def close(self) -> None:

@@ -499,11 +499,16 @@ def run(params: dict, processed: Path, partition: Path, out: Path, resume: bool 
     `variant`: params.yaml `variants.<name>` laid over the settings (privacy, encryption).
     Per role (classifier, and segmenter when the data has masks): `out/checkpoints/<role>/`
     every round, then `out/<role>.keras` with its card; `out/history.json` for all roles.
-    Returns {role: history}.
+    Returns {role: history}. `federated.launcher: kubernetes`: the same federation as pods (cluster.py).
     """
     processed, partition, out = Path(processed), Path(partition), Path(out)
     params = with_variant(params, variant)
     settings, roles, hospitals = prepare(params, processed, partition, out, resume, echo)
+    if settings.launcher == "kubernetes":
+        from fedbrain.federated.cluster import run as run_on_cluster
+
+        return run_on_cluster(params, settings, roles, hospitals, processed, partition, out, resume=resume,
+                              insecure=insecure, echo=echo)
     state = Path(settings.state_dir).resolve()  # the Flower processes run with another cwd
     workdir = state / "federation" / out.name
     shutil.rmtree(workdir, ignore_errors=True)  # the previous run's logs and app bundles

@@ -358,7 +358,6 @@ class GlobalModels:
 def main(grid: Grid, context: Context) -> None:
     import tensorflow as tf
 
-    from fedbrain.dataset import load_classes
     from fedbrain.train import save_model
 
     shorten_object_pulls()  # this process (flwr-serverapp) runs only this app: replies are pulled sooner
@@ -483,7 +482,7 @@ def main(grid: Grid, context: Context) -> None:
 
     failures = [f | {"round": r["round"]} for r in state["rounds"] for f in r["failures"]]
     history = history_of(state["rounds"])
-    info = load_classes(settings.processed)
+    info = settings.class_info()
     card = {"task": settings.task, "model": settings.model, "training": "federated", **ledger.card(),
             "classes": info["classes"], "run_id": tracking.run_id, "strategy": "fedavg", "aggregation": aggregation,
             "rounds": global_models.last_round, "rounds_planned": settings.rounds,

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+import re
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from fedbrain.config import get, section
@@ -11,6 +12,61 @@ from fedbrain.dataset import load_classes
 from fedbrain.errors import InputError
 
 ROLES = ("classifier", "segmenter")
+# Where train-federated runs its federation: processes on this machine, or pods (federated/cluster.py).
+LAUNCHERS = ("local", "kubernetes")
+
+
+@dataclass(frozen=True)
+class KubernetesSettings:
+    """`federated.kubernetes`: the kubernetes launcher's cluster (see the comments in params.yaml)."""
+
+    namespace: str = "fedbrain"
+    image: str = "fedbrain:0.1.0"
+    control_address: str = "auto"
+    tracking_uri: str = "auto"
+    ready_timeout: float = 600.0
+
+    @classmethod
+    def from_params(cls, sec: dict | None) -> KubernetesSettings:
+        where, d, keys = "federated.kubernetes", cls(), [f.name for f in fields(cls)]
+        sec = {} if sec is None else sec
+        if not isinstance(sec, dict):
+            raise InputError(f"params.yaml: '{where}' is {sec!r}; expected a mapping of {', '.join(keys)}")
+        unknown = sorted(map(str, set(sec) - set(keys)))
+        if unknown:
+            raise InputError(f"params.yaml: '{where}' has unknown key(s) {', '.join(unknown)}; "
+                             f"known: {', '.join(keys)}")
+        settings = cls(**{key: get(sec, key, float if key == "ready_timeout" else str, where,
+                                   default=getattr(d, key)) for key in keys})
+        settings.check()
+        return settings
+
+    def check(self) -> None:
+        key = "params.yaml: 'federated.kubernetes."
+        if not (len(self.namespace) <= 63 and re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", self.namespace)):
+            raise InputError(f"{key}namespace' is {self.namespace!r}; use a Kubernetes namespace name (lower-case "
+                             f"letters, digits and '-', at most 63 characters), e.g. fedbrain")
+        if not self.image or any(c.isspace() for c in self.image):
+            raise InputError(f"{key}image' is {self.image!r}; use the project image every pod runs, e.g. "
+                             f"fedbrain:0.1.0 or registry.example.org/fedbrain:0.1.0")
+        match = re.fullmatch(r"(\[[0-9a-fA-F:]+\]|[A-Za-z0-9.-]+):([0-9]{1,5})", self.control_address)
+        if self.control_address != "auto" and not (match and 0 < int(match[2]) < 65536):
+            raise InputError(f"{key}control_address' is {self.control_address!r}; use auto (the superlink "
+                             f"Service's DNS name, from a pod in the cluster) or host:port, e.g. 127.0.0.1:9093 "
+                             f"with `kubectl -n {self.namespace} port-forward svc/superlink 9093:9093`")
+        if self.tracking_uri != "auto" and not re.fullmatch(r"https?://\S+", self.tracking_uri):
+            raise InputError(f"{key}tracking_uri' is {self.tracking_uri!r}; use auto (http://mlflow."
+                             f"{self.namespace}.svc:5000, the namespace's MLflow server) or an http(s):// URL the "
+                             f"pods reach: the ServerApp logs from the cluster, where a local file or SQLite store "
+                             f"does not exist")
+        if not self.ready_timeout > 0:
+            raise InputError(f"{key}ready_timeout' is {self.ready_timeout}; use the seconds to wait for the "
+                             f"pods to become ready, more than 0 (e.g. 600)")
+
+    @property
+    def tracking(self) -> str:
+        """The MLflow server the ServerApp logs to from its pod."""
+        return f"http://mlflow.{self.namespace}.svc:5000" if self.tracking_uri == "auto" else self.tracking_uri
 
 
 @dataclass(frozen=True)
@@ -33,6 +89,8 @@ class FederatedSettings:
     lr_decay: str = "cosine"
     train: dict = field(default_factory=dict)
     hospital_threads: int | str = "auto"
+    launcher: str = "local"
+    kubernetes: KubernetesSettings = field(default_factory=KubernetesSettings)
 
     @classmethod
     def from_params(cls, params: dict) -> FederatedSettings:
@@ -60,6 +118,8 @@ class FederatedSettings:
             lr_decay=get(sec, "lr_decay", str, where, choices=("cosine", "none"), default=d.lr_decay),
             train=get(sec, "train", dict, where, default={}) or {},
             hospital_threads=get(sec, "hospital_threads", (int, str), where, default=d.hospital_threads),
+            launcher=get(sec, "launcher", str, where, choices=LAUNCHERS, default=d.launcher),
+            kubernetes=KubernetesSettings.from_params(sec.get("kubernetes")),
         )
         settings.check()
         return settings

@@ -68,6 +68,9 @@ class RunSettings:
     privacy: PrivacySettings
     encryption: dict          # federated.secure_aggregation + federated.paillier (encrypted.EncryptionSettings)
     paillier_public_key: str  # the federation's public key file; the ServerApp gets nothing more
+    # The dataset's classes.json when the run config carries it (the kubernetes launcher: the ServerApp's
+    # pod has no data); None: read from `processed`.
+    classes: dict | None = None
 
     @classmethod
     def from_run_config(cls, cfg) -> RunSettings:
@@ -104,7 +107,12 @@ class RunSettings:
             privacy=PrivacySettings.from_dict(json.loads(str(cfg.get("privacy", "{}")))),
             encryption=json.loads(str(cfg.get("secure-aggregation", "{}"))),
             paillier_public_key=str(cfg.get("paillier-public-key", "")),
+            classes=json.loads(str(cfg["classes"])) if cfg.get("classes") else None,
         )
+
+    def class_info(self) -> dict:
+        """classes.json of the data: class names, has_masks, channels, size."""
+        return self.classes if self.classes is not None else load_classes(self.processed)
 
     @property
     def encrypted(self) -> bool:
@@ -134,7 +142,7 @@ def build(settings: RunSettings, compiled: bool = True, learning_rate: float | N
     from fedbrain.models import build_model
     from fedbrain.train import compile_model
 
-    info = load_classes(settings.processed)
+    info = settings.class_info()
     shape = (int(info["size"]), int(info["size"]), int(info["channels"]))
     if ":" in settings.model:
         # `package.module:function(input_shape, num_classes)`: a network of your own (tests use a

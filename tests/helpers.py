@@ -6,6 +6,7 @@ Not in conftest.py: more than one conftest module exists (tests/model has its ow
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -32,3 +33,19 @@ def write_jpeg(path: Path, seed: int, size: int = 64) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(pixels).save(path, quality=95)
     return path
+
+
+def binomial_tail(k: int, v: int, q: float) -> float:
+    """P[Binomial(k, q) >= v] from math.comb terms (not scipy): the privacy audits' tests check the
+    library's bound against it."""
+    return 1.0 if v <= 0 else math.fsum(math.comb(k, j) * q ** j * (1 - q) ** (k - j) for j in range(v, k + 1))
+
+
+def one_run_p_value_by_hand(m: int, k: int, v: int, epsilon: float, delta: float) -> float:
+    """Steinke, Nasr & Jagielski's bound on P[W >= v] written out, its maximum over every i in 1..m:
+    f(v) + 2 m delta max_i (f(v - i) - f(v)) / i, f the Binomial(k, e^eps / (1 + e^eps)) tail."""
+    q = math.exp(epsilon) / (1 + math.exp(epsilon))
+    f = binomial_tail(k, v, q)
+    if delta == 0:
+        return min(1.0, f)
+    return min(1.0, f + 2 * m * delta * max((binomial_tail(k, v - i, q) - f) / i for i in range(1, m + 1)))

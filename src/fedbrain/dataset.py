@@ -19,8 +19,13 @@ so that they all see exactly the same examples for a split.
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pandas as pd
@@ -40,6 +45,31 @@ class Split:
 
     def __len__(self) -> int:
         return len(self.labels)
+
+
+@contextmanager
+def replaced_folder(out: str | Path) -> Iterator[Path]:
+    """A new temporary folder beside `out` to write into; when the block ends without an error it
+    replaces `out` whole (renamed over it), and on any error `out` is left as it was and the
+    temporary folder removed: a stage's output folder is never half-written."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    old = None
+    try:
+        os.chmod(tmp, 0o755)
+        yield tmp
+        if out.exists() or out.is_symlink():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            os.replace(out, old)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and not out.exists():
+            os.replace(old, out)  # put the previous result back
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
 
 
 def load_classes(processed_dir: str | Path) -> dict:

@@ -25,9 +25,6 @@ Output contract: see `fedbrain.dataset` (`load_split` reads what `write_partitio
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -36,7 +33,7 @@ import numpy as np
 import pandas as pd
 
 from fedbrain.config import get, section
-from fedbrain.dataset import SPLITS, hospital_dir, load_classes
+from fedbrain.dataset import SPLITS, hospital_dir, load_classes, replaced_folder
 from fedbrain.errors import InputError
 
 
@@ -402,12 +399,7 @@ def plot_label_counts(report: dict, classes: list[str], path: Path) -> None:
 
 def write_partition(out: Path, table: pd.DataFrame, report: dict, classes: list[str]) -> None:
     """All files into a temp dir next to `out`, then renamed over it: never half-written."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    old = None
-    try:
-        os.chmod(tmp, 0o755)
+    with replaced_folder(out) as tmp:
         columns = ["row", "image_id", "patient_id", "site", "label", "label_index", "split", "hospital"]
         table[columns].to_parquet(tmp / "splits.parquet", index=False)
         for k in range(report["hospitals"]):
@@ -417,17 +409,6 @@ def write_partition(out: Path, table: pd.DataFrame, report: dict, classes: list[
                 hospital_dir(tmp, k) / "index.parquet", index=False)
         (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n")
         plot_label_counts(report, classes, tmp / "label_counts.png")
-        if out.exists() or out.is_symlink():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None and not out.exists():
-            os.replace(old, out)  # put the previous result back
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
 
 
 def run(params: dict, processed: Path, out: Path) -> dict:

@@ -21,6 +21,8 @@ import pandas as pd
 import pytest
 from scipy.optimize import brentq
 
+from helpers import one_run_p_value_by_hand
+
 from fedbrain.privacy.audit import (CLASSIFIERS_ONLY, NO_MEMBERSHIP, audit_model, dp_tpr_ceiling,
                                     epsilon_lower_bound, membership_sample, one_run_p_value, roc_summary,
                                     tpr_at_fpr)
@@ -225,31 +227,17 @@ def test_class_calibration_removes_class_difficulty():
 
 # --------------------------------------------------------------------------- one-run epsilon
 
-def binomial_tail(k: int, v: int, q: float) -> float:
-    """P[Binomial(k, q) >= v] from math.comb terms (not scipy)."""
-    return 1.0 if v <= 0 else sum(math.comb(k, j) * q ** j * (1 - q) ** (k - j) for j in range(v, k + 1))
-
-
-def p_value_by_hand(m: int, k: int, v: int, epsilon: float, delta: float) -> float:
-    """The theorem's bound with its maximum over every i in 1..m, not only the i <= v the code uses."""
-    q = math.exp(epsilon) / (1 + math.exp(epsilon))
-    f = binomial_tail(k, v, q)
-    if delta == 0:
-        return min(1.0, f)
-    return min(1.0, f + 2 * m * delta * max((binomial_tail(k, v - i, q) - f) / i for i in range(1, m + 1)))
-
-
 @pytest.mark.parametrize("m,k,v,delta", [(200, 100, 90, 0.0), (200, 100, 90, 1e-5), (100, 50, 45, 1e-3),
                                          (400, 150, 120, 1e-6), (60, 30, 22, 0.0)])
 def test_epsilon_lower_bound_matches_an_independent_computation(m, k, v, delta):
     significance = 0.05
     for epsilon in (0.0, 0.5, 2.0):
-        assert one_run_p_value(m, k, v, epsilon, delta) == pytest.approx(p_value_by_hand(m, k, v, epsilon, delta),
+        assert one_run_p_value(m, k, v, epsilon, delta) == pytest.approx(one_run_p_value_by_hand(m, k, v, epsilon, delta),
                                                                          rel=1e-9, abs=1e-14)
     found = epsilon_lower_bound(m, k, v, delta, confidence=1 - significance)
-    expected = brentq(lambda e: p_value_by_hand(m, k, v, e, delta) - significance, 0.0, 20.0, xtol=1e-10)
+    expected = brentq(lambda e: one_run_p_value_by_hand(m, k, v, e, delta) - significance, 0.0, 20.0, xtol=1e-10)
     assert found == pytest.approx(expected, abs=1e-6)
-    assert p_value_by_hand(m, k, v, found, delta) <= significance + 1e-9  # still refuted at the value returned
+    assert one_run_p_value_by_hand(m, k, v, found, delta) <= significance + 1e-9  # still refuted at the value returned
 
 
 def test_perfect_guessing_has_the_closed_form_bound_and_caps_every_other():

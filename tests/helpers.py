@@ -49,3 +49,20 @@ def one_run_p_value_by_hand(m: int, k: int, v: int, epsilon: float, delta: float
     if delta == 0:
         return min(1.0, f)
     return min(1.0, f + 2 * m * delta * max((binomial_tail(k, v - i, q) - f) / i for i in range(1, m + 1)))
+
+
+def dvc_metrics_table(root: Path) -> tuple[list[str], list[dict]]:
+    """What `dvc metrics show` prints in the DVC project at ``root``: its column names (the Path
+    column first) and one row per metrics file (``-`` where a file lacks a figure). DVC's own reader
+    and table, in process."""
+    from dvc.compare import metrics_table
+    from dvc.repo import Repo
+
+    with Repo(str(root)) as repo:
+        shown = repo.metrics.show()
+    errors = {path: result["error"] for rev in shown.values() for path, result in rev.get("data", {}).items()
+              if "error" in result}
+    assert not errors, errors
+    table = metrics_table(shown)
+    columns = list(table.keys())
+    return columns, [dict(zip(columns, row)) for row in table]

@@ -11,6 +11,7 @@ partition writes ``<partition>/``:
                           (train | val | test), hospital (-1 for test)
   hospital_<k>/index.parquet  the train and val rows that hospital k holds (row, split, label_index)
   report.json, label_counts.png
+  summary.json            the headline figures for ``dvc metrics show`` (duplicates dropped, split sizes)
 
 Every trainer (centralized, each federated hospital, evaluate) reads through ``load_split``
 so that they all see exactly the same examples for a split.

@@ -7,7 +7,9 @@ A model without a card is still evaluated; what the card would say is inferred f
 and output shape.
 
 Writes, under ``out`` (``reports/``):
-  metrics.json        scalar test metrics per run (DVC metrics)
+  headline/<run>.json the headline figures of each run (``HEADLINE``, and epsilon for a DP run): the DVC
+                      metrics, one row per run in ``dvc metrics show``
+  metrics.json        every scalar test metric per run (what each run's MLflow record holds)
   evaluation.json     the details: per-class scores, confusion matrices, per-patient Dice/HD95
   comparison.csv/.md  one row per model/run: centralized and every federated variant side by side
   plots/<run>/*.png   confusion matrix, ROC curves, training curves, segmentation overlays (DVC plots)
@@ -23,6 +25,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -37,6 +40,11 @@ from fedbrain.privacy import audit as membership_audit
 # mia_*: the membership-inference audit; mia_auc and the TPRs are the stronger attack's (the larger).
 MIA_COLUMNS = ["mia_status", "mia_auc", "mia_loss_auc", "mia_tpr_at_1pct_fpr", "mia_tpr_at_0_1pct_fpr",
                "mia_accuracy_gap", "mia_exceeds_dp_bound"]
+# reports/headline/<run>.json, the DVC metrics: `dvc metrics show` makes one column per name (a row
+# per run), so the table stays this wide however many runs there are. The rest is in metrics.json.
+HEADLINE = {"classification": ("test_accuracy", "test_macro_f1", "test_roc_auc", "mia_auc"),
+            "segmentation": ("test_dice", "test_dice_tumour_slices", "test_hd95")}
+HEADLINE_PRIVACY = ("epsilon",)
 COMPARISON_COLUMNS = ["run", "training", "model", "task", "privacy", "epsilon", "delta", "aggregation", "accuracy",
                       "macro_f1", "roc_auc", "dice", "hd95", "dice_tumour_slices", "test_images", "train_time_s",
                       "round_time_s", "mb_per_round", *MIA_COLUMNS, "run_id"]
@@ -423,6 +431,33 @@ def _without_curves(audit: dict) -> dict:
                                  for name, a in audit["attacks"].items()}}
 
 
+def run_scalars(info: dict, metrics: dict, audit: dict) -> dict:
+    """A run's metrics.json entry (and its MLflow metrics): every defined scalar test metric as
+    ``test_<name>``, epsilon and delta for a DP run, the audit's ``mia_*``."""
+    flat = {f"test_{k}": v for k, v in metrics.items() if isinstance(v, (int, float)) or v is None}
+    if info["epsilon"] is not None:
+        flat.update(epsilon=info["epsilon"], delta=info["delta"])
+    flat.update(membership_audit.audit_scalars(audit))
+    return {k: v for k, v in flat.items() if v is not None}
+
+
+def headline(task: str, scalars: dict) -> dict:
+    """A run's figures for ``dvc metrics show`` (epsilon only for a DP run)."""
+    return {k: scalars[k] for k in (*HEADLINE.get(task, ()), *HEADLINE_PRIVACY) if k in scalars}
+
+
+def write_headlines(folder: Path, headlines: dict[str, dict]) -> None:
+    """``<folder>/<run>.json`` per run, the folder replaced whole: a run no longer evaluated leaves no file."""
+    folder = Path(folder)
+    tmp = folder.with_name(f".{folder.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    for run, figures in headlines.items():
+        _write_text(tmp / f"{run}.json", json.dumps(figures, indent=2) + "\n")
+    tmp.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(tmp, folder)
+
+
 def _write_text(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
@@ -532,13 +567,8 @@ def run(params: dict, processed: Path, partition: Path, models: Path, out: Path)
 
     scalars, details, rows = {}, {}, []
     for result in results:
-        info, metrics = result["info"], result["metrics"]
-        flat = {f"test_{k}": v for k, v in metrics.items() if isinstance(v, (int, float)) or v is None}
-        if info["epsilon"] is not None:
-            flat.update(epsilon=info["epsilon"], delta=info["delta"])
-        audit = result["audit"]
-        flat.update(membership_audit.audit_scalars(audit))
-        scalars[info["run"]] = {k: v for k, v in flat.items() if v is not None}
+        info, metrics, audit = result["info"], result["metrics"], result["audit"]
+        scalars[info["run"]] = run_scalars(info, metrics, audit)
         details[info["run"]] = {**{k: v for k, v in info.items() if k != "history"}, "metrics": metrics,
                                 "membership_audit": _without_curves(audit)}
         rows.append({"run": info["run"], "training": info["training"], "model": info["model"], "task": info["task"],
@@ -567,6 +597,8 @@ def run(params: dict, processed: Path, partition: Path, models: Path, out: Path)
     audit_seconds += time.perf_counter() - plotted
     table = pd.DataFrame(rows, columns=COMPARISON_COLUMNS)
     _write_text(out / "metrics.json", json.dumps(scalars, indent=2) + "\n")
+    write_headlines(out / "headline", {r["info"]["run"]: headline(r["info"]["task"], scalars[r["info"]["run"]])
+                                       for r in results})
     _write_text(out / "evaluation.json", json.dumps(_clean(details), indent=2) + "\n")
     _write_text(out / "comparison.md", comparison_markdown(table))
     tmp = out / ".comparison.csv.tmp"

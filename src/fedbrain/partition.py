@@ -397,6 +397,13 @@ def plot_label_counts(report: dict, classes: list[str], path: Path) -> None:
     fig.savefig(path, dpi=100)
 
 
+def headline(report: dict) -> dict:
+    """The partition's figures for ``dvc metrics show`` (summary.json); the rest stays in report.json."""
+    return {"duplicates_dropped": report["duplicates_dropped"],
+            "label_conflicts_dropped": report["label_conflicts_dropped"],
+            **{f"n_{split}": report["n_per_split"][split] for split in SPLITS}}
+
+
 def write_partition(out: Path, table: pd.DataFrame, report: dict, classes: list[str]) -> None:
     """All files into a temp dir next to `out`, then renamed over it: never half-written."""
     with replaced_folder(out) as tmp:
@@ -408,6 +415,7 @@ def write_partition(out: Path, table: pd.DataFrame, report: dict, classes: list[
             held[["row", "split", "label_index", "image_id"]].to_parquet(
                 hospital_dir(tmp, k) / "index.parquet", index=False)
         (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+        (tmp / "summary.json").write_text(json.dumps(headline(report), indent=2) + "\n")
         plot_label_counts(report, classes, tmp / "label_counts.png")
 
 

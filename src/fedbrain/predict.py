@@ -3,8 +3,9 @@
 Images go through exactly what training saw: ``fedbrain.imaging.read_image`` (JPEG, PNG, TIFF,
 NIfTI; ``a.nii.gz;b.nii.gz`` stacks co-registered modalities as channels) and
 ``fedbrain.preprocess.prepare_image`` with the ``preprocess`` settings of params.yaml, at the
-model's input size. Every file is read before anything is predicted or written, so one bad file
-stops the command with its name and leaves no partial output.
+model's input size. A classifier needs its card ``<name>.json`` beside it (the class names); without
+it predict stops and names the missing file. Every file is read before anything is predicted or
+written, so one bad file stops the command with its name and leaves no partial output.
 """
 
 from __future__ import annotations
@@ -61,9 +62,22 @@ def read_input(source: str, size: int, channels: int, preprocess: dict, slice_in
     return _match_channels(image, channels, source), pixels.shape[:2]
 
 
-def _class_names(card: dict, outputs: int) -> list[str]:
+def _class_names(model_path: Path, card: dict, outputs: int) -> list[str]:
+    """The classifier's class names, from its card ``<name>.json`` (the .keras file does not hold them).
+
+    Without the card, or with one that does not fit the model, there is no honest name to give an
+    output: stop rather than print class numbers.
+    """
+    card_path = model_path.with_suffix(".json")
+    if not card:
+        raise InputError(f"{card_path}: model card not found; it names the classes of {model_path.name}: "
+                         f"copy it beside the model (fedbrain writes <name>.keras and <name>.json together)")
     classes = card.get("classes")
-    return list(classes) if classes and len(classes) == outputs else [str(k) for k in range(outputs)]
+    if not isinstance(classes, list) or len(classes) != outputs:
+        have = f"{len(classes)} classes" if isinstance(classes, list) else "no 'classes' list"
+        raise InputError(f"{card_path}: has {have}, {model_path.name} has {outputs} outputs; "
+                         "use the card written with this model")
+    return [str(c) for c in classes]
 
 
 def _write_mask(mask: np.ndarray, shape: tuple, path: Path) -> None:
@@ -85,6 +99,8 @@ def run(params: dict, model: Path, images: list[str], out: Path = Path("predicti
     model_path = Path(model)
     network = _load(model_path)
     card = load_card(model_path)
+    # A classifier's names are checked before any image is read: no output without them.
+    names = _class_names(model_path, card, network.output_shape[-1]) if len(network.output_shape) == 2 else None
     _, size, _, channels = network.input_shape
     preprocess = params.get("preprocess") or {}
     inputs = [read_input(str(source), size, channels, preprocess, slice_index) for source in images]
@@ -101,7 +117,6 @@ def run(params: dict, model: Path, images: list[str], out: Path = Path("predicti
             _write_mask(mask, shape, path)
             results.append({"image": str(source), "mask": str(path), "tumour_fraction": float(mask.mean())})
     else:
-        names = _class_names(card, outputs.shape[-1])
         for source, proba in zip(images, outputs):
             results.append({"image": str(source), "prediction": names[int(np.argmax(proba))],
                             "probabilities": {n: round(float(p), 6) for n, p in zip(names, proba)}})

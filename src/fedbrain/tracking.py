@@ -1,7 +1,8 @@
 """MLflow helpers shared by centralized and federated runs.
 
-One experiment per pipeline family (``mlflow.experiment``), one run per trained model, tagged
-``task``, ``model``, ``training`` (centralized | federated) and ``privacy``. Every trainer logs
+One experiment per pipeline family (``mlflow.experiment``), tagged as a model-training experiment
+(``mlflow.experimentKind``) so the MLflow UI opens it on its runs table; one run per trained model,
+tagged ``task``, ``model``, ``training`` (centralized | federated) and ``privacy``. Every trainer logs
 through ``metric_name`` so the MLflow UI can chart centralized epochs and federated rounds
 together: ``train_loss``, ``train_accuracy``, ``val_loss``, ``val_accuracy``, ``val_dice``,
 ``test_accuracy``, ``test_macro_f1``, ``test_dice``, ``test_hd95``...
@@ -24,6 +25,11 @@ from fedbrain.config import get
 
 DEFAULT_URI = "sqlite:///mlflow.db"
 DEFAULT_EXPERIMENT = "fedbrain"
+# The experiment tag the MLflow 3 UI reads to choose its view; without it the UI guesses, and opens
+# an experiment with no traces in its GenAI overview. "custom_model_development" is the UI's
+# "custom model training" kind: the runs table, metrics and models (mlflow/server/js, 3.17).
+EXPERIMENT_KIND = "mlflow.experimentKind"
+MODEL_TRAINING = "custom_model_development"
 _MAX_PARAM = 500  # MLflow caps parameter values; long lists are cut, not rejected
 
 
@@ -43,12 +49,16 @@ def configure(params: dict) -> str:
     mlflow.set_tracking_uri(uri)
     experiment = os.environ.get("MLFLOW_EXPERIMENT_NAME") or get(_section(params), "experiment", str, "mlflow",
                                                                  default=DEFAULT_EXPERIMENT)
-    if mlflow.get_experiment_by_name(experiment) is None:
+    found = mlflow.get_experiment_by_name(experiment)
+    if found is None:
         # A tracking server keeps the artifacts itself (`mlflow server` serves them): a local folder
         # named here would be a path on the server's disk that every client then writes to on its own.
         remote = uri.startswith(("http://", "https://"))
         artifacts = None if remote else _section(params).get("artifact_location")
-        mlflow.create_experiment(experiment, artifact_location=artifacts)
+        mlflow.create_experiment(experiment, artifact_location=artifacts, tags={EXPERIMENT_KIND: MODEL_TRAINING})
+    elif EXPERIMENT_KIND not in (found.tags or {}):
+        # Made before this tag (or by hand): a kind chosen in the UI is kept, a missing one is set.
+        mlflow.MlflowClient().set_experiment_tag(found.experiment_id, EXPERIMENT_KIND, MODEL_TRAINING)
     mlflow.set_experiment(experiment)
     return uri
 

@@ -7,9 +7,11 @@ shapes, duplicate share) and `classes` (one row per class: enough images).
 
 Writes under `out/`:
   result.json     the GE results: each expectation, its success and unexpected examples
-  summary.json    small numbers for `dvc metrics`: counts, duplicates, success
+  summary.json    the headline for `dvc metrics show`: success, images, undecodable images
+                  (the full summary, with class counts and duplicate groups, is result.json's "summary")
   duplicates.csv  one row per group of images with the same pixel hash
-  data_docs/      GE Data Docs HTML (index.html)
+  data_docs/      GE Data Docs HTML (index.html), self-contained: no styles or scripts from the
+                  internet (fedbrain.data_docs)
 On failure the reports are still written, then InputError names the failing checks and the
 first offending files, so the pipeline stops before preprocess.
 """
@@ -27,7 +29,7 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from fedbrain import imaging
+from fedbrain import data_docs, imaging
 from fedbrain.config import get, section
 from fedbrain.errors import InputError
 from fedbrain.ingest import COLUMNS, NO_TUMOR, TUMOR
@@ -42,6 +44,9 @@ STAT_COLUMNS = ("decodes", "decode_error", "min_intensity", "max_intensity", "fi
 # Example rows kept per failing expectation in result.json (GE's partial_unexpected_count).
 EXAMPLES = 20
 DUPLICATE_GROUPS_IN_RESULT = 10
+# summary.json, a DVC metrics file: one column each in `dvc metrics show`, so only the headline
+# (the duplicates partition drops are its own summary.json's).
+HEADLINE = ("success", "n_images", "n_undecodable")
 
 
 def run(params: dict, manifest: Path, out: Path) -> dict:
@@ -78,10 +83,11 @@ def run(params: dict, manifest: Path, out: Path) -> dict:
     results["duplicates"] = {"n_groups": len(duplicates),
                              "first_groups": duplicates.head(DUPLICATE_GROUPS_IN_RESULT).to_dict("records")}
     summary = summarise(images, classes, duplicates, results["success"])
+    results["summary"] = summary
 
     _write_json(tmp / "result.json", results)
     duplicates.to_csv(tmp / "duplicates.csv", index=False)
-    _write_json(tmp / "summary.json", summary)
+    _write_json(tmp / "summary.json", headline(summary))
     _publish(tmp, out)
 
     print(f"validate: {summary['n_images']} images, {summary['n_classes']} classes, "
@@ -265,6 +271,7 @@ def run_suites(images: pd.DataFrame, classes: pd.DataFrame, labels: list[str], m
             result_format={"result_format": "SUMMARY", "partial_unexpected_count": EXAMPLES,
                            "unexpected_index_column_names": index_columns or None}))
     context.build_data_docs(site_names=["local_site"])
+    data_docs.make_offline(docs_dir)  # GE's pages load their styles and scripts from CDNs
 
     expectations = []
     for name, validation in zip(("images", "classes"), validations):
@@ -380,6 +387,11 @@ def summarise(images: pd.DataFrame, classes: pd.DataFrame, duplicates: pd.DataFr
         "n_duplicate_groups": int(len(duplicates)),
         "n_cross_label_duplicate_groups": int(duplicates["labels"].str.contains(";").sum()),
     }
+
+
+def headline(summary: dict) -> dict:
+    """summary.json: the figures of ``summarise`` that `dvc metrics show` lists."""
+    return {key: summary[key] for key in HEADLINE}
 
 
 def _write_json(path: Path, value: dict) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from helpers import PROJECT
+from helpers import PROJECT, dvc_metrics_table
 
 # train-federated runs once per variant; two of params.yaml's here: plain FedAvg, and the secure
 # setting, which has every layer of the others (DP-SGD, Paillier) at once.
@@ -77,6 +77,12 @@ def test_repro_twice_on_embedded_sample(project_copy, first_repro):
     assert (project_copy / "reports" / "plots" / "privacy_utility.png").stat().st_size > 1000
     metrics = json.loads((project_copy / "reports" / "metrics.json").read_text())
     assert metrics["federated/secure/classifier"]["epsilon"] > 0
+    # `dvc metrics show`: the headline figures, a row per run with its test accuracy, at most 30 columns.
+    columns, rows = dvc_metrics_table(project_copy)
+    assert len(columns) <= 30, columns
+    shown = {row["Path"]: row for row in rows}
+    assert all(shown[f"reports/headline/{run}.json"]["test_accuracy"] != "-" for run in metrics), shown
+    assert shown["reports/headline/federated/secure/classifier.json"]["epsilon"] != "-"
     # The federated run per round against the centralized reference line.
     assert (project_copy / "reports" / "plots" / "rounds_classification.png").stat().st_size > 1000
 

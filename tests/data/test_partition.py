@@ -273,8 +273,13 @@ def test_run_writes_the_contract_load_split_reads(tmp_path):
     report = partition.run(params, processed, out)
 
     assert sorted(p.name for p in out.iterdir()) == ["hospital_0", "hospital_1", "label_counts.png",
-                                                     "report.json", "splits.parquet"]
+                                                     "report.json", "splits.parquet", "summary.json"]
     assert json.loads((out / "report.json").read_text()) == report
+    # The headline for `dvc metrics show`: a few numbers, not the report's per-hospital counts.
+    assert json.loads((out / "summary.json").read_text()) == {
+        "duplicates_dropped": report["duplicates_dropped"], "label_conflicts_dropped": report["label_conflicts_dropped"],
+        "n_train": report["n_per_split"]["train"], "n_val": report["n_per_split"]["val"],
+        "n_test": report["n_per_split"]["test"]}
     assert (out / "label_counts.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     splits = pd.read_parquet(out / "splits.parquet")
     assert list(splits.columns) == ["row", "image_id", "patient_id", "site", "label", "label_index", "split",

@@ -7,6 +7,7 @@ nothing in Great Expectations is mocked.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import time
 from pathlib import Path
@@ -66,8 +67,11 @@ def test_clean_set_passes_and_writes_every_report(tmp_path):
     assert summary["n_images"] == 16 and summary["n_classes"] == 4
     assert summary["class_counts"] == {name: 4 for name in CLASSES}
     assert summary["n_undecodable"] == 0 and summary["n_duplicate_rows"] == 0
-    assert json.loads((out / "summary.json").read_text()) == summary
+    # summary.json is the headline for `dvc metrics show`; the whole summary is in result.json.
+    assert json.loads((out / "summary.json").read_text()) == {
+        "success": True, "n_images": 16, "n_undecodable": 0}
     result = _result(out)
+    assert result["summary"] == summary
     assert result["success"] is True and result["failures"] == []
     assert {e["check"] for e in result["expectations"]} >= {
         "column", "not_null", "unique_id", "label", "decodes", "finite", "mask_shape", "duplicates", "class_size"}
@@ -75,6 +79,29 @@ def test_clean_set_passes_and_writes_every_report(tmp_path):
     index = (out / "data_docs" / "index.html").read_text()
     assert "validations/images/" in index and "validations/classes/" in index
     assert not (out / ".tmp").exists()
+    _assert_offline(out / "data_docs")
+
+
+REMOTE_RESOURCE = re.compile(r"<(?:link|script|img)\b[^>]*\b(?:href|src)\s*=\s*[\"']?(?:https?:)?//", re.I)
+
+
+def _assert_offline(docs: Path):
+    """Every Data Docs page renders without the internet: no remote stylesheet, script or image,
+    its own stylesheet inline, and the index's tables drawn in HTML (not left to bootstrap-table)."""
+    pages = sorted(docs.rglob("*.html"))
+    assert len(pages) >= 5  # index, 2 suites, 2 validation results
+    for page in pages:
+        text = page.read_text()
+        assert not REMOTE_RESOURCE.search(text), page
+        assert not re.search(r"url\(\s*['\"]?https?:", text), page
+        assert "<script" not in text and "<style>" in text and ".alert-secondary{" in text, page
+        for src in re.findall(r"<img\b[^>]*\bsrc=\"([^\"]+)\"", text, re.S):
+            assert (page.parent / src).is_file(), (page, src)
+    index = (docs / "index.html").read_text()
+    links = re.findall(r"<td><a href=\"(validations/[^\"]+\.html)\">", index)
+    assert {link.split("/")[1] for link in links} == {"images", "classes"}
+    assert all((docs / link).is_file() for link in links)
+    assert re.search(r"<th>Status</th>.*fa-check-circle text-success", index, re.S)
 
 
 def test_corrupt_jpeg_is_named_in_result_and_error(tmp_path):
@@ -103,6 +130,8 @@ def test_corrupt_jpeg_is_named_in_result_and_error(tmp_path):
     assert summary["success"] is False and summary["n_undecodable"] == 1
     page = next((out / "data_docs" / "validations" / "images").rglob("*.html")).read_text()
     assert "cannot decode image" in page  # the Data Docs page shows the failure too
+    _assert_offline(out / "data_docs")
+    assert "fa-times text-danger" in (out / "data_docs" / "index.html").read_text()
 
 
 def test_unknown_label_fails(tmp_path):

@@ -111,6 +111,14 @@ def test_evaluate_stage_finds_centralized_and_federated_models(segmentation_data
     cls = metrics["centralized/classifier"]
     assert 0.0 <= cls["test_accuracy"] <= 1.0 and "test_macro_f1" in cls and "test_roc_auc" in cls
     assert {"test_dice", "test_dice_tumour_slices"} <= set(metrics["centralized/segmenter"])
+    # The DVC metrics: one headline file per run, a few of metrics.json's figures each.
+    headlines = {p.relative_to(out / "headline").with_suffix("").as_posix(): json.loads(p.read_text())
+                 for p in (out / "headline").rglob("*.json")}
+    assert set(headlines) == set(metrics)
+    assert headlines["centralized/classifier"] == {k: cls[k] for k in ("test_accuracy", "test_macro_f1",
+                                                                        "test_roc_auc", "mia_auc")}
+    assert set(headlines["centralized/segmenter"]) <= {"test_dice", "test_dice_tumour_slices", "test_hd95"}
+    assert "test_dice" in headlines["centralized/segmenter"]
     csv = pd.read_csv(out / "comparison.csv")
     assert {"run", "training", "model", "privacy", "accuracy", "macro_f1", "dice", "hd95", "epsilon"} <= set(csv)
     # The membership audit: every classifier attacked, the segmenter skipped with its reason.

@@ -91,3 +91,28 @@ def test_nifti_volume_uses_the_middle_or_the_given_slice(classifier, tmp_path):
     assert middle["probabilities"] == given["probabilities"] != empty["probabilities"]
     with pytest.raises(InputError, match="out of range"):
         predict(PARAMS, classifier, [str(path)], slice_index=9)
+
+
+def test_a_classifier_without_its_card_stops_and_names_the_card(classifier, tmp_path):
+    image = str(_jpeg(tmp_path / "x.jpg"))
+    copied = tmp_path / "elsewhere" / "classifier.keras"
+    copied.parent.mkdir()
+    copied.write_bytes(classifier.read_bytes())  # the .keras file alone, as a user might copy it
+    with pytest.raises(InputError, match=r"elsewhere/classifier\.json: model card not found.*copy it beside"):
+        predict(PARAMS, copied, [image])
+    result = CliRunner().invoke(main, ["predict", "--params", str(_params_file(tmp_path)), "--model", str(copied),
+                                       image])
+    assert result.exit_code == 1 and "classifier.json: model card not found" in result.output
+    assert "Traceback" not in result.output and '"probabilities"' not in result.output
+    # A card that does not fit the model (another model's) is refused too, not read as numbers.
+    copied.with_suffix(".json").write_text(json.dumps({"task": "classification", "classes": ["a", "b"]}))
+    with pytest.raises(InputError, match="has 2 classes, classifier.keras has 3 outputs"):
+        predict(PARAMS, copied, [image])
+
+
+def test_a_segmenter_needs_no_card(tmp_path):
+    model = tmp_path / "segmenter.keras"
+    build_model("unet", (32, 32, 3), 2).save(model)  # no card: a mask needs no class names
+    image = _jpeg(tmp_path / "x.png")
+    [result] = predict(PARAMS, model, [str(image)], out=tmp_path / "out")
+    assert (tmp_path / "out" / "x_mask.png").is_file() and 0.0 <= result["tumour_fraction"] <= 1.0

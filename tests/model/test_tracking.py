@@ -54,3 +54,21 @@ def test_card_is_logged_when_models_are_not(tiny_params, tmp_path):
         tracking.log_keras_model(params, model=None, path=tmp_path / "classifier.keras")
     client = mlflow.MlflowClient(params["mlflow"]["tracking_uri"])
     assert [a.path for a in client.list_artifacts(run.info.run_id, "card")] == ["card/classifier.json"]
+
+
+def test_experiment_is_a_model_training_experiment(tiny_params):
+    """The MLflow UI opens an experiment by its kind tag: a new experiment gets it, an old one that
+    lacks it gets it on the next configure, and a kind someone chose is left alone."""
+    uri = tracking.configure(tiny_params)
+    client = mlflow.MlflowClient(uri)
+    experiment = client.get_experiment_by_name("fedbrain-test")
+    assert experiment.tags[tracking.EXPERIMENT_KIND] == tracking.MODEL_TRAINING == "custom_model_development"
+
+    old = client.create_experiment("made-before")  # as an earlier version of fedbrain made it
+    assert tracking.EXPERIMENT_KIND not in client.get_experiment(old).tags
+    tracking.configure({**tiny_params, "mlflow": {**tiny_params["mlflow"], "experiment": "made-before"}})
+    assert client.get_experiment(old).tags[tracking.EXPERIMENT_KIND] == tracking.MODEL_TRAINING
+
+    client.set_experiment_tag(old, tracking.EXPERIMENT_KIND, "finetuning")
+    tracking.configure({**tiny_params, "mlflow": {**tiny_params["mlflow"], "experiment": "made-before"}})
+    assert client.get_experiment(old).tags[tracking.EXPERIMENT_KIND] == "finetuning"

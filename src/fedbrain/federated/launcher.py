@@ -160,6 +160,7 @@ class Started:
     name: str
     proc: subprocess.Popen
     log_path: Path
+    appio_port: int | None = None  # a SuperNode's ClientAppIo port (loopback)
     # Every process of its tree seen so far: psutil.Process refuses to signal a reused pid.
     tree: dict[int, psutil.Process] = field(default_factory=dict)
 
@@ -313,6 +314,7 @@ class Federation:
         else:
             cmd += ["--insecure"]
         started = self._spawn(f"supernode_{name}", cmd)
+        started.appio_port = int(appio.rsplit(":", 1)[1])
         self.supernodes[name] = started
         self.clientapps[name] = self._spawn(f"clientapp_{name}", [
             sys.executable, "-m", "fedbrain.federated.clientapp_runtime", "--appio-api-address", appio,
@@ -326,6 +328,24 @@ class Federation:
                 self.register(f"hospital_{k}")
         for k in hospitals:
             self.start_supernode(k, register=False, hospitals=len(hospitals))
+        # Every SuperNode must be up before the run starts, or the run would go on without that
+        # hospital. Its ClientAppIo port was free when chosen but may be taken before it binds
+        # (another federation on the machine): that SuperNode exits, and starts again on a new port.
+        for k in hospitals:
+            name = f"hospital_{k}"
+            try:
+                self._wait_supernode(name)
+            except RuntimeError:
+                if "already in use" not in self.supernodes[name].log_path.read_text(errors="replace"):
+                    raise
+                self.echo(f"federation: {name}'s ClientAppIo port was taken meanwhile; starting it again")
+                stop_process_groups([self.clientapps[name].proc], grace=STOP_GRACE_S)
+                self.start_supernode(k, register=False, hospitals=len(hospitals))
+                self._wait_supernode(name)
+
+    def _wait_supernode(self, name: str) -> None:
+        started = self.supernodes[name]
+        wait_for_port(started.appio_port, started.proc, f"the SuperNode of {name}", started.log_path)
 
     def kill_supernode(self, name: str, sig: int = signal.SIGKILL) -> None:
         """Stop one SuperNode and its ClientApp process (SIGKILL: a crash, no goodbye to the SuperLink)."""

@@ -255,6 +255,31 @@ def test_unregistered_supernode_is_refused_and_one_without_the_ca_cannot_connect
     assert federation_processes(tmp_path) == []
 
 
+def test_supernode_whose_port_was_taken_meanwhile_starts_again_on_another(tmp_path, monkeypatch):
+    """The ClientAppIo port chosen for hospital 0 is taken by another program before its SuperNode
+    binds it: that SuperNode exits, the launcher starts it again on a new port, and the run's
+    federation has every hospital (not a connection to the other program taken for the SuperNode)."""
+    lines = []
+    with socket.socket() as other, Federation(tmp_path / "run", ensure_pki(tmp_path / "pki"),
+                                              echo=lines.append) as federation:
+        other.bind((launcher.LOOPBACK, 0))
+        other.listen()
+        taken = other.getsockname()[1]
+        federation.start_superlink()
+        ports = iter([taken])
+        real_free_port = launcher.free_port
+        monkeypatch.setattr(launcher, "free_port", lambda: next(ports, None) or real_free_port())
+        federation.start_supernodes([0, 1])
+        assert any("hospital_0's ClientAppIo port was taken meanwhile" in line for line in lines), lines
+        for name in ("hospital_0", "hospital_1"):
+            started = federation.supernodes[name]
+            assert started.appio_port != taken and started.proc.poll() is None
+            assert launcher._listens(started.proc.pid, started.appio_port)
+        wait_until(lambda: sum(n["status"] == "online" for n in federation.nodes()) == 2, timeout=60,
+                   what="both SuperNodes to come online")
+    assert federation_processes(tmp_path) == []
+
+
 @pytest.mark.parametrize("crash", ["supernode", "clientapp"])
 def test_crashed_supernode_does_not_stop_the_run_and_a_late_one_joins(tmp_path, tiny_model, crash):
     """Kill one of 3 SuperNodes while it trains in round 2 of 4 (or only its ClientApp process:
@@ -305,7 +330,7 @@ def test_crashed_supernode_does_not_stop_the_run_and_a_late_one_joins(tmp_path, 
 def test_interrupted_launcher_stops_every_process_and_resume_continues(tmp_path, tiny_model):
     """SIGTERM (what `dvc repro` gets on Ctrl-C) once round 1 of 3 is saved: run() stops every
     process and re-raises; `resume=True` then runs rounds 2 and 3 only, into the same MLflow run.
-    (Round 1's model is saved while round 3 trains, so the stop comes before round 2's is saved.)"""
+    (Usually the stop comes before round 2 is saved; under load it may come after.)"""
     processed, partition = make_federated_data(tmp_path / "data", hospitals=2)
     params = tiny_params(tmp_path, rounds=3, model=TINY_PLAIN)
     out = tmp_path / "models" / "fedavg"
@@ -323,12 +348,14 @@ def test_interrupted_launcher_stops_every_process_and_resume_continues(tmp_path,
     assert any("flwr-serverapp" in c for c in seen) and sum("fedbrain.federated.supernode" in c for c in seen) == 2, seen
     assert federation_processes(tmp_path) == []
     saved = json.loads((out / "checkpoints" / "classifier" / "state.json").read_text())
-    assert saved["round"] == 1 and not (out / "classifier.keras").exists()
+    # Round 1's checkpoint at least; on a loaded machine round 2 may be saved before the signal lands.
+    done = saved["round"]
+    assert done in (1, 2) and not (out / "classifier.keras").exists()
 
     lines = []
     history = launcher.run(params, processed, partition, out, resume=True, echo=lines.append)
-    assert any("resuming classifier after round 1 of 3" in line for line in lines)
-    assert not any("round 1/3" in line for line in lines)
+    assert any(f"resuming classifier after round {done} of 3" in line for line in lines)
+    assert not any(f"round {r}/3" in line for line in lines for r in range(1, done + 1))
     assert federation_processes(tmp_path) == []
     card = json.loads((out / "classifier.json").read_text())
     assert [r["round"] for r in card["round_records"]] == [1, 2, 3]

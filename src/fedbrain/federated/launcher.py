@@ -102,16 +102,28 @@ def free_port() -> int:
 
 def wait_for_port(port: int, proc: subprocess.Popen, what: str, log_path: Path,
                   timeout: float = READY_TIMEOUT_S) -> None:
+    """Until `proc` (or a process it started) listens on `port`. Only its own listener counts: a
+    port chosen free can be taken before `proc` binds it (another federation on the machine), and
+    a connection would then reach the other process while `proc` fails and exits."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"{what} exited with code {proc.returncode} while starting; see {log_path}")
-        try:
-            with socket.create_connection((LOOPBACK, port), timeout=1.0):
-                return
-        except OSError:
-            time.sleep(0.2)
+        if _listens(proc.pid, port):
+            return
+        time.sleep(0.2)
     raise RuntimeError(f"{what} did not listen on {LOOPBACK}:{port} within {timeout:.0f} s; see {log_path}")
+
+
+def _listens(pid: int, port: int) -> bool:
+    for p in _process_tree(pid):
+        try:
+            if any(c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port
+                   for c in p.net_connections(kind="tcp")):
+                return True
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    return False
 
 
 def _process_tree(pid: int) -> list[psutil.Process]:

@@ -301,7 +301,8 @@ class Federation:
         key = self.paillier_private_key if paillier_key == "default" else paillier_key
         if key is not None:
             node_config += f" paillier-private-key=\"{Path(key).resolve()}\""
-        appio = f"{LOOPBACK}:{free_port()}"
+        appio_port = free_port()
+        appio = f"{LOOPBACK}:{appio_port}"
         # --isolation process: the ClientApp runs in this hospital's clientapp_runtime process
         # (started below, TensorFlow imported once), not in a new process per message.
         # fedbrain.federated.supernode: `flower-supernode` with shorter polls and a reply race closed.
@@ -326,7 +327,7 @@ class Federation:
         else:
             cmd += ["--insecure"]
         started = self._spawn(f"supernode_{name}", cmd)
-        started.appio_port = int(appio.rsplit(":", 1)[1])
+        started.appio_port = appio_port
         self.supernodes[name] = started
         self.clientapps[name] = self._spawn(f"clientapp_{name}", [
             sys.executable, "-m", "fedbrain.federated.clientapp_runtime", "--appio-api-address", appio,

@@ -18,7 +18,7 @@ FROM python:3.11.7-slim-bookworm
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
-    TF_CPP_MIN_LOG_LEVEL=2 \
+    TF_CPP_MIN_LOG_LEVEL=3 \
     VIRTUAL_ENV=/opt/fedbrain \
     PATH=/opt/fedbrain/bin:$PATH
 

@@ -16,4 +16,3 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
 fi
 # dvc stages call `fedbrain`, and the Flower SuperLink starts `flower-superexec` by name.
 export PATH="$PWD/.venv/bin:$PATH"
-export TF_CPP_MIN_LOG_LEVEL=${TF_CPP_MIN_LOG_LEVEL:-2}

@@ -8,6 +8,7 @@ readable line and exit code 1. Stage modules are imported lazily so `fedbrain --
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 from pathlib import Path
 
@@ -31,8 +32,14 @@ def _run(module: str, function: str, params_path: Path, **kwargs):
 
 
 @click.group()
-def main():
+@click.option("--verbose", is_flag=True, help="Show TensorFlow's native log lines (CUDA plugin "
+              "registration, oneDNN notes): noise on a CPU machine, useful when debugging TensorFlow itself.")
+def main(verbose):
     """Federated brain-tumour MRI: data stages, training, evaluation."""
+    # TensorFlow's C++ logger prints 'Unable to register cuDNN factory' at ERROR level on every CPU
+    # import, which reads as a failure; level 3 hides it. Python exceptions are unaffected. Set before
+    # any stage imports TensorFlow (stages are imported lazily), and only if the user did not choose.
+    os.environ["TF_CPP_MIN_LOG_LEVEL"] = "0" if verbose else os.environ.get("TF_CPP_MIN_LOG_LEVEL", "3")
 
 
 @main.command()

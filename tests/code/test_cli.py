@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -55,3 +56,17 @@ def test_unknown_class_folder(tmp_path, class_folder_root):
     params = write_params(tmp_path / "params.yaml", root=str(class_folder_root), classes=CLASSES)
     result = fedbrain("ingest", "--params", str(params), "--out", str(tmp_path / "m.parquet"), cwd=tmp_path)
     assert_one_line_error(result, "Glioma_extra", "not a known class")
+
+
+def test_tensorflow_native_logs_hidden_unless_verbose(tmp_path):
+    """A CPU machine's 'Unable to register cuDNN factory' lines read as failures to a newcomer."""
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}  # the suite sets its own
+    args = [sys.executable, "-m", "fedbrain.cli"]
+    predict = ["predict", "--params", str(PROJECT / "params.yaml"), "--model", str(tmp_path / "none.keras"), "x.jpg"]
+    quiet = subprocess.run(args + predict, cwd=tmp_path, capture_output=True, text=True, timeout=120, env=env)
+    assert_one_line_error(quiet, "none.keras", "model file not found")  # TensorFlow was imported first
+    assert "Unable to register" not in quiet.stderr and " E external/" not in quiet.stderr, quiet.stderr
+    loud = subprocess.run(args + ["--verbose"] + predict, cwd=tmp_path, capture_output=True, text=True,
+                          timeout=120, env=env)
+    assert_one_line_error(loud, "model file not found")
+    assert "Unable to register" in loud.stderr, loud.stderr  # what the flag is for

@@ -30,7 +30,7 @@ import logging
 import os
 import time
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 POLL_S = 0.1  # how often to ask the SuperNode for a waiting message (Flower's SuperExec: 1 s)
 

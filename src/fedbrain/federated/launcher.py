@@ -217,7 +217,7 @@ class Federation:
         env["FLWR_HOME"] = str(self.flwr_home)  # installed app bundles stay inside the run's folder
         env["FLWR_TELEMETRY_ENABLED"] = "0"
         env["PYTHONUNBUFFERED"] = "1"
-        env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
         env.update(extra or {})
         return env
 

@@ -124,6 +124,10 @@ def wait_until(condition, timeout: float, what: str, poll: float = 0.5):
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
+def maps_tensorflow(pid: int) -> bool:
+    return any("tensorflow" in m.path for m in psutil.Process(pid).memory_maps())
+
+
 def trained(record: dict) -> set[str]:
     """Hospitals whose update was averaged into this round's global model."""
     return {k for k, v in record["hospitals"].items() if "train_time_s" in v}
@@ -252,6 +256,14 @@ def test_unregistered_supernode_is_refused_and_one_without_the_ca_cannot_connect
         nodes = federation.nodes()
         assert no_ca.proc.poll() is None
         assert len(online) == 1 and sorted(n["status"] for n in nodes) == ["online", "registered"]
+        # Flower's own processes never load TensorFlow (lean.py); the hospitals' ClientApps do.
+        flower = {proc.pid: proc.cmdline() for proc in map(psutil.Process, federation.pids())
+                  if proc.pid != rogue.proc.pid and proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE}
+        flower = {pid: cmd for pid, cmd in flower.items() if "fedbrain.federated.clientapp_runtime" not in cmd}
+        commands = {next(a for a in cmd if "flower-" in a or "supernode" in a) for cmd in flower.values()}
+        assert {"flower-superlink", "flower-superexec", "fedbrain.federated.supernode"} <= commands, commands
+        assert not [cmd for pid, cmd in flower.items() if maps_tensorflow(pid)], flower
+        assert maps_tensorflow(federation.clientapps["hospital_0"].proc.pid)
     assert federation_processes(tmp_path) == []
 
 

@@ -38,7 +38,7 @@ import tomli_w
 from fedbrain.config import get, section, with_variant
 from fedbrain.errors import InputError
 from fedbrain.federated.certificates import Pki, ensure_pki, ensure_supernode_key
-from fedbrain.federated import preflight
+from fedbrain.federated import lean, preflight
 from fedbrain.federated.control import Control
 from fedbrain.federated.encrypted import EncryptionSettings
 from fedbrain.federated.settings import FederatedSettings
@@ -213,7 +213,10 @@ class Federation:
         bin_dir = str(Path(sys.executable).parent)
         # The SuperLink/SuperNode start `flower-superexec`, `flwr-serverapp`, `flwr-clientapp` by
         # name: they must come from this environment, whatever the caller's PATH says.
-        env["PATH"] = os.pathsep.join([bin_dir, env.get("PATH", "")])
+        # Flower processes that train nothing run without TensorFlow (lean.py): the shims shadow the
+        # Flower commands a Flower process starts by name.
+        shims = str(lean.write_shims(self.workdir / "bin"))
+        env["PATH"] = os.pathsep.join([shims, bin_dir, env.get("PATH", "")])
         env["FLWR_HOME"] = str(self.flwr_home)  # installed app bundles stay inside the run's folder
         env["FLWR_TELEMETRY_ENABLED"] = "0"
         env["PYTHONUNBUFFERED"] = "1"
@@ -247,7 +250,7 @@ class Federation:
 
     # --- SuperLink -----------------------------------------------------------------------------
     def start_superlink(self) -> None:
-        cmd = ["flower-superlink",
+        cmd = [sys.executable, "-m", "fedbrain.federated.lean", "flower-superlink",
                "--fleet-api-address", self.fleet_address,
                "--control-api-address", self.control_address,
                "--serverappio-api-address", f"{LOOPBACK}:{self.ports['serverappio']}",

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import time
 
+from fedbrain.federated.lean import block_tensorflow
 from fedbrain.federated.waits import WAIT_S, ShortSleeps, shorten_object_pulls
 
 
@@ -49,6 +50,7 @@ class _RegisteredTrees:
 
 
 def main() -> None:
+    block_tensorflow()  # the ClientApp trains in its own process (lean.py says why)
     from flwr.supernode import start_client_internal as loop
     from flwr.supernode.cli import flower_supernode
 

@@ -28,9 +28,12 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from kubernetes.client.exceptions import ApiException
 
 from fedbrain.errors import InputError
-from fedbrain.federated import cluster
-from fedbrain.federated.cluster import Cluster, ClusterRun
-from fedbrain.federated.pods import MANIFESTS, RUN_LABEL, PodFederation, federation_objects, render
+from fedbrain.federated import cluster, kube_api
+from fedbrain.federated.cluster import ClusterRun
+from fedbrain.federated.kube_api import Cluster
+from fedbrain.federated.pods import (MANIFESTS, PAILLIER_FILE, PAILLIER_MOUNT, PAILLIER_SECRET, RUN_LABEL,
+                                     PodFederation, federation_objects, render)
+from fedbrain.secure import paillier
 from fedbrain.federated.settings import FederatedSettings, KubernetesSettings
 from helpers import PROJECT
 
@@ -144,9 +147,9 @@ def test_request_bodies_are_the_clients_models():
     """What create_namespaced_* is sent deserializes into the client's models and serializes back unchanged
     (a misspelt or misplaced field would be dropped), for the base's hospital count and another."""
     api = kubernetes.client.ApiClient()
-    for n in (base_hospitals(), 5):
-        for doc in federation_objects(render(n, run_id=RUN)):
-            body = cluster.to_model(doc)
+    for n, key_file in ((base_hospitals(), None), (5, b'{"format": "not read here"}')):
+        for doc in federation_objects(render(n, run_id=RUN, paillier_key=key_file)):
+            body = kube_api.to_model(doc)
             assert type(body).__name__ == f"V1{doc['kind']}"
             assert api.sanitize_for_serialization(body) == doc, key(doc)
 
@@ -161,7 +164,8 @@ def test_what_the_run_reads_from_the_manifests():
     config = federation.run_config({"processed": "/here/processed", "partition": "/here/partition",
                                     "out": "/here/out", "rounds": 3}, CLASSES)
     assert config == {"processed": "/app/data/processed", "partition": "/app/data/partition",
-                      "out": "/app/state/out", "rounds": 3, "classes": json.dumps(CLASSES), "hospital-threads": 0}
+                      "out": "/app/state/out", "rounds": 3, "classes": json.dumps(CLASSES), "hospital-threads": 0,
+                      "paillier-public-key": ""}
     # the app template declares the key, or Flower would drop it from the run config
     assert 'classes = ""' in (PROJECT / "src/fedbrain/federated/app/pyproject.toml").read_text()
 
@@ -275,7 +279,7 @@ class FakeKubernetes:
             if kind == "Deployment":
                 waiting = ({"reason": "ImagePullBackOff", "message": "no such image"} if name in self.never_ready
                            else None)
-                pods.append(cluster.to_model({"apiVersion": "v1", "kind": "Pod", "metadata": {
+                pods.append(kube_api.to_model({"apiVersion": "v1", "kind": "Pod", "metadata": {
                     "name": f"{name}-5d8f9-x2x7q", "labels": deployment.spec.template.metadata.labels},
                     "status": {"phase": "Running" if not waiting else "Pending", "containerStatuses": [
                         {"name": c.name, "image": c.image, "imageID": "", "ready": not waiting, "restartCount": 0,
@@ -378,9 +382,12 @@ class Clock:
 
 
 def cluster_run(tmp_path: Path, kube: FakeKubernetes, control: FakeControl, echo: list[str], hospitals: int = 3,
-                ready_timeout: float = 60.0):
+                ready_timeout: float = 60.0, paillier_keys: tuple[Path, Path] | None = None):
+    """A ClusterRun as cluster.run sets it up; `paillier_keys`: (public, private) files of ensure_keys."""
     settings = KubernetesSettings(ready_timeout=ready_timeout)
-    docs = render(hospitals, run_id=RUN, namespace=settings.namespace, image=settings.image)
+    public, private = paillier_keys or (None, None)
+    docs = render(hospitals, run_id=RUN, namespace=settings.namespace, image=settings.image,
+                  paillier_key=private.read_bytes() if private else None)
     factory_calls = []
 
     def factory(address, ca, server_name):
@@ -391,7 +398,8 @@ def cluster_run(tmp_path: Path, kube: FakeKubernetes, control: FakeControl, echo
     run = ClusterRun(Cluster(kube, kube, kube, settings.namespace, in_cluster=True), docs, RUN, settings,
                      tmp_path / "work", echo=echo.append, control_factory=factory, clock=clock.time,
                      sleep=clock.sleep, poll_s=1.0, chunk_bytes=4096)
-    configs = {"classifier": PodFederation(docs).run_config({"role": "classifier", "rounds": 2}, CLASSES)}
+    configs = {"classifier": PodFederation(docs).run_config({"role": "classifier", "rounds": 2}, CLASSES,
+                                                            public.read_text() if public else "")}
     return run, configs, factory_calls
 
 
@@ -501,13 +509,109 @@ def test_missing_secrets_and_claims_stop_the_run_before_anything_is_created(tmp_
 
 def test_a_standing_federation_is_refused_and_left_alone(tmp_path):
     kube = FakeKubernetes(tmp_path / "pod")
-    kube.objects[("Deployment", "superlink")] = standing = cluster.to_model(
+    kube.objects[("Deployment", "superlink")] = standing = kube_api.to_model(
         [d for d in render(3) if key(d) == ("Deployment", "superlink")][0])
     run, configs, _ = cluster_run(tmp_path, kube, FakeControl(kube), [])
     with pytest.raises(InputError, match="kubectl -n fedbrain delete deployment/superlink"):
         run.execute(configs, tmp_path / "out")
     assert not any(m.startswith(("create_", "delete_")) for m in methods(kube))
     assert kube.objects[("Deployment", "superlink")] is standing
+
+
+# --- federated.secure_aggregation paillier -------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def paillier_keys(tmp_path_factory) -> tuple[Path, Path]:
+    """The federation's key pair as both launchers make it (state_dir/pki/paillier/, params' 2048 bits)."""
+    return paillier.ensure_keys(tmp_path_factory.mktemp("state") / "pki" / "paillier", 2048)
+
+
+def private_material(private: Path) -> list[str]:
+    """What of the private key must appear nowhere server-side: p and q (decimal and as the file writes
+    them), lambda, the Secret's name and the file's name."""
+    key = paillier.load_private_key(private)
+    lam = (key.p - 1) * (key.q - 1)
+    return [str(key.p), str(key.q), format(key.p, "x"), format(key.q, "x"), str(lam), PAILLIER_SECRET,
+            PAILLIER_FILE, base64.b64encode(private.read_bytes()).decode()[:40]]
+
+
+def containers(doc: dict) -> dict[str, dict]:
+    return {c["name"]: c for c in doc["spec"]["template"]["spec"]["containers"]}
+
+
+def test_the_paillier_key_is_a_secret_of_the_run_mounted_only_in_the_clientapps(paillier_keys):
+    public, private = paillier_keys
+    docs = render(3, run_id=RUN, paillier_key=private.read_bytes())
+    by_key = {key(d): d for d in docs}
+    secret = by_key[("Secret", PAILLIER_SECRET)]
+    assert base64.b64decode(secret["data"][PAILLIER_FILE]) == private.read_bytes()
+    # labelled and namespaced as the other objects a run creates, created before the pods, deleted with them
+    assert secret["metadata"]["labels"][RUN_LABEL] == RUN and secret["metadata"]["namespace"] == "fedbrain"
+    assert secret["metadata"]["labels"]["app.kubernetes.io/part-of"] == "fedbrain"
+    objects = [key(d) for d in PodFederation(docs).objects]
+    assert objects.index(("Secret", PAILLIER_SECRET)) < min(i for i, (kind, _) in enumerate(objects)
+                                                             if kind == "Deployment")
+    for k in range(3):
+        doc = by_key[("Deployment", f"supernode-{k}")]
+        volumes = {v["name"]: v for v in doc["spec"]["template"]["spec"]["volumes"]}
+        assert volumes["paillier"]["secret"]["secretName"] == PAILLIER_SECRET
+        mounted = {name: [m for m in c.get("volumeMounts", []) if m["name"] == "paillier"]
+                   for name, c in containers(doc).items()}
+        assert mounted == {"supernode": [], "clientapp": [{"name": "paillier", "mountPath": PAILLIER_MOUNT,
+                                                           "readOnly": True}]}
+        assert (f'--node-config=partition-id={k} num-partitions=3 '
+                f'paillier-private-key="{PAILLIER_MOUNT}/{PAILLIER_FILE}"') in containers(doc)["supernode"]["args"]
+    # nothing of it anywhere else: the SuperLink's pod, its Service and policies, the long-lived objects
+    elsewhere = json.dumps([d for d in docs if key(d) != ("Secret", PAILLIER_SECRET)
+                            and not key(d)[1].startswith("supernode-")])
+    assert [m for m in private_material(private) if m in elsewhere] == []
+    # without encryption: no Secret, no mount, no node-config key
+    assert "paillier" not in json.dumps(render(3, run_id=RUN))
+
+
+def test_a_paillier_run_gives_the_serverapp_the_public_key_only_and_deletes_the_secret(tmp_path, paillier_keys):
+    public, private = paillier_keys
+    kube = FakeKubernetes(tmp_path / "pod")
+    control, echo = FakeControl(kube), []
+    run, configs, _ = cluster_run(tmp_path, kube, control, echo, paillier_keys=paillier_keys)
+    superlink_seen = []
+    original_create = kube._create
+
+    def create(method, kind, namespace, body):  # what the cluster holds of the SuperLink, as created
+        if kind != "Secret" and not body.metadata.name.startswith("supernode-"):
+            superlink_seen.append(kubernetes.client.ApiClient().sanitize_for_serialization(body))
+        return original_create(method, kind, namespace, body)
+
+    kube._create = create
+    assert run.execute(configs, tmp_path / "out") == {"classifier": "finished:completed"}
+
+    created = [(m.removeprefix("create_namespaced_"), name) for m, name, _ in kube.calls if m.startswith("create_")]
+    assert created.index(("secret", PAILLIER_SECRET)) < min(i for i, (kind, _) in enumerate(created)
+                                                            if kind == "deployment")
+    # the ServerApp's run config carries the public key's text, which the server side loads as the key
+    (config,) = control.configs
+    assert config["paillier-public-key"] == public.read_text()
+    assert paillier.load_public_key(config["paillier-public-key"]).n == paillier.load_private_key(private).public_key.n
+    server_side = json.dumps([config, superlink_seen]) + (tmp_path / "work" / "run_config_classifier.json").read_text()
+    assert {d["metadata"]["name"] for d in superlink_seen} >= {"superlink", "superlink-ingress"}
+    assert [m for m in private_material(private) if m in server_side] == []
+    # deleted with the rest; the long-lived Secrets stay
+    assert ("delete_namespaced_secret", PAILLIER_SECRET) in [(m, name) for m, name, _ in kube.calls]
+    assert kube.created_by_run() == set() and ("Secret", PAILLIER_SECRET) not in kube.objects
+    assert ("Secret", "superlink-ca") in kube.objects and ("Secret", "supernode-0-key") in kube.objects
+
+
+def test_a_leftover_paillier_secret_is_refused_as_the_other_leftovers(tmp_path, paillier_keys):
+    kube = FakeKubernetes(tmp_path / "pod")
+    kube.objects[("Secret", PAILLIER_SECRET)] = leftover = kubernetes.client.V1Secret(
+        metadata=kubernetes.client.V1ObjectMeta(name=PAILLIER_SECRET, labels={RUN_LABEL: "earlier-run"}),
+        data={PAILLIER_FILE: "e30="})
+    run, configs, _ = cluster_run(tmp_path, kube, FakeControl(kube), [], paillier_keys=paillier_keys)
+    with pytest.raises(InputError, match=rf"secret/{PAILLIER_SECRET} \(left by run\(s\) earlier-run\).*"
+                                         rf"kubectl -n fedbrain delete secret/{PAILLIER_SECRET}"):
+        run.execute(configs, tmp_path / "out")
+    assert not any(m.startswith(("create_", "delete_")) for m in methods(kube))
+    assert kube.objects[("Secret", PAILLIER_SECRET)] is leftover
 
 
 # --- settings ------------------------------------------------------------------------------------
@@ -553,8 +657,7 @@ def test_good_settings_and_what_is_not_supported_yet():
     for kwargs, message in [({"insecure": True}, "--insecure"), ({"resume": True}, "--resume")]:
         with pytest.raises(InputError, match=message):
             cluster.check_supported(params, **{"resume": False, "insecure": False, **kwargs})
-    with pytest.raises(InputError, match="paillier"):
-        cluster.check_supported(federated_params(secure_aggregation="paillier"), resume=False, insecure=False)
+    cluster.check_supported(federated_params(secure_aggregation="paillier"), resume=False, insecure=False)
     pod_params = cluster.cluster_params(params, settings.kubernetes)
     assert pod_params["mlflow"]["tracking_uri"] == "http://127.0.0.1:5000"
     assert "artifact_location" not in pod_params["mlflow"] and "artifact_location" in params["mlflow"]

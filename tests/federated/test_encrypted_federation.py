@@ -136,6 +136,9 @@ def test_malformed_or_altered_ciphertexts_end_the_round_with_the_hospitals_named
     settings = encrypted.EncryptionSettings(mode="paillier")
     cipher = encrypted.HospitalCipher(str(private_path), settings)
     aggregation = encrypted.EncryptedAggregation(str(public_path), settings, statistics_sizes=[])
+    # The kubernetes launcher hands the ServerApp the key file's text instead of its path: same key.
+    from_text = encrypted.EncryptedAggregation(public_path.read_text(), settings, statistics_sizes=[])
+    assert from_text.fingerprint == aggregation.fingerprint and from_text.public_key == aggregation.public_key
     aggregation.examples, aggregation.total = {1: 30, 2: 10}, 40
     config = ConfigRecord({encrypted.KEY: aggregation.fingerprint, encrypted.TOTAL: 40, "server-round": 1})
     rng = np.random.default_rng(0)

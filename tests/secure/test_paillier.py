@@ -276,6 +276,31 @@ def test_key_size_and_key_file_errors(tmp_path, keys):
         load_public_key(tmp_path / "only_public" / "paillier_public.json")
 
 
+def test_the_public_key_loads_from_its_file_or_its_text_and_a_private_key_is_refused(tmp_path, keys):
+    """The kubernetes launcher hands the ServerApp the public key file's text in the run config."""
+    import json
+
+    pub, priv = keys
+    public_text = json.dumps({"format": "fedbrain-paillier-public-1", "bits": 1024, "n": format(pub.n, "x")})
+    (tmp_path / "public.json").write_text(public_text)
+    assert load_public_key(public_text) == pub
+    assert load_public_key(str(tmp_path / "public.json")) == pub == load_public_key(tmp_path / "public.json")
+    private_text = json.dumps({"format": "fedbrain-paillier-private-1", "bits": 1024, "n": format(pub.n, "x"),
+                               "p": format(priv.p, "x"), "q": format(priv.q, "x")})
+    (tmp_path / "private.json").write_text(private_text)
+    for given in (private_text, tmp_path / "private.json"):
+        with pytest.raises(InputError, match="PRIVATE key; the server side takes the public key only") as error:
+            load_public_key(given)
+        message = str(error.value)
+        assert not any(secret in message for secret in (format(priv.p, "x"), str(priv.p), format(priv.q, "x")))
+    assert load_private_key(tmp_path / "private.json").p in (priv.p, priv.q)
+    with pytest.raises(InputError, match="the Paillier key given as text is not a readable Paillier key file"):
+        load_public_key('{"format": ')
+    with pytest.raises(InputError, match="read from its key file only, not given as text") as error:
+        load_private_key(private_text)
+    assert format(priv.p, "x") not in str(error.value)
+
+
 def test_a_different_key_is_refused_by_fingerprint(keys):
     pub = keys[0]
     other, _ = phe.generate_paillier_keypair(n_length=1024)

@@ -8,8 +8,12 @@
    the SuperNodes sign with), each hospital's data claim, and no federation object left by another run;
 3. creates the federation through the official `kubernetes` client: the Deployments labelled
    `app.kubernetes.io/component: flower` (the SuperLink, one SuperNode per hospital) and the Services and
-   NetworkPolicies that select their pods. The Namespace, the MLflow server, the data claims, the
-   Secrets and the namespace-wide default-deny policy are long-lived: rendered, never created here;
+   NetworkPolicies that select their pods, and with `federated.secure_aggregation: paillier` the run's
+   Secret `paillier-private-key` (the federation's Paillier key pair is made or reused in
+   state_dir/pki/paillier/ as the local launcher does; the Secret is mounted only in the SuperNodes'
+   ClientApp containers, the ServerApp gets the public key in its run config). The Namespace, the MLflow
+   server, the data claims, the TLS and SuperNode key Secrets and the namespace-wide default-deny policy
+   are long-lived: rendered, never created here;
 4. waits for the SuperLink (readyReplicas == replicas), registers the SuperNodes' public keys through
    its Control API, then waits for the SuperNodes (an unregistered SuperNode only retries);
 5. per role, submits the Flower app with the local launcher's run config (`launcher.run_config`), its
@@ -33,7 +37,8 @@ One federation per namespace at a time: the objects keep k8s/base's names (the S
 
 The launcher's identity (kubeconfig user, or the pod's service account) needs, in the namespace: create,
 get, list and delete on deployments, services and networkpolicies; get on secrets and
-persistentvolumeclaims; list on pods; create on pods/exec.
+persistentvolumeclaims; list on pods; create on pods/exec; with paillier also create, list and delete on
+secrets.
 """
 
 from __future__ import annotations
@@ -50,23 +55,17 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import yaml
 from kubernetes.client.exceptions import ApiException
 
 from fedbrain.config import merged
 from fedbrain.errors import InputError
+from fedbrain.federated.kube_api import Cluster
 from fedbrain.federated.pods import CREATED_KINDS, RUN_LABEL, PodFederation, new_run_id, render
 from fedbrain.federated.settings import FederatedSettings, KubernetesSettings
 
 APP_TEMPLATE = Path(__file__).parent / "app"
-# Kind -> the client method suffix (create_namespaced_<suffix>, ...) and the API object that has it.
-API_METHODS = {"Deployment": ("apps", "deployment"), "Service": ("core", "service"),
-               "NetworkPolicy": ("networking", "network_policy"),
-               "PersistentVolumeClaim": ("core", "persistent_volume_claim"), "Secret": ("core", "secret"),
-               "Pod": ("core", "pod")}
 POLL_S = 2.0
 PROGRESS_S = 30.0
-EXEC_TIMEOUT_S = 600.0
 # The ServerApp's output comes out of its container in pieces of this size: each exec's output is held in
 # memory (base64 text, by the client's stream and by us), and the output holds every round's model.
 CHUNK_BYTES = 16 * 2**20
@@ -107,10 +106,6 @@ def check_supported(params: dict, resume: bool, insecure: bool) -> None:
     if resume:
         raise InputError("--resume: not yet with federated.launcher: kubernetes (the checkpoints would have to be "
                          "copied into the ServerApp's pod first); run again without --resume, or run locally")
-    if (params.get("federated") or {}).get("secure_aggregation", "none") != "none":
-        raise InputError("params.yaml: 'federated.secure_aggregation' paillier is not yet with federated.launcher: "
-                         "kubernetes (each hospital's Paillier private key would need a Secret of its own); "
-                         "use none, or federated.launcher: local")
 
 
 def public_key(private: bytes) -> bytes:
@@ -120,105 +115,6 @@ def public_key(private: bytes) -> bytes:
     loader = serialization.load_ssh_private_key if b"OPENSSH" in private else serialization.load_pem_private_key
     key = loader(private, password=None)
     return key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH) + b"\n"
-
-
-# --- the cluster ---------------------------------------------------------------------------------
-
-class _Response:  # what ApiClient.deserialize reads
-    def __init__(self, doc: dict):
-        self.data = json.dumps(doc)
-
-
-_api_client = None
-
-
-def to_model(doc: dict):
-    """A manifest as the client's model (V1Deployment, ...): the request body, type-checked by the client."""
-    global _api_client
-    from kubernetes.client import ApiClient
-
-    if _api_client is None:
-        _api_client = ApiClient()
-    return _api_client.deserialize(_Response(doc), f"{doc['apiVersion'].split('/')[-1].capitalize()}{doc['kind']}")
-
-
-class Cluster:
-    """The Kubernetes API calls a run makes, in one namespace: the official client's AppsV1Api,
-    CoreV1Api and NetworkingV1Api (`connect`), or objects with the same methods."""
-
-    def __init__(self, apps, core, networking, namespace: str, in_cluster: bool = False):
-        self.apis = {"apps": apps, "core": core, "networking": networking}
-        self.core, self.namespace, self.in_cluster = core, namespace, in_cluster
-
-    @classmethod
-    def connect(cls, namespace: str) -> Cluster:
-        """In a pod: its service account; elsewhere: the kubeconfig (KUBECONFIG, ~/.kube/config)."""
-        import os
-
-        from kubernetes import client, config
-
-        in_cluster = bool(os.environ.get("KUBERNETES_SERVICE_HOST"))
-        try:
-            config.load_incluster_config() if in_cluster else config.load_kube_config()
-        except config.ConfigException as exc:
-            raise InputError(f"no Kubernetes cluster to run the federation in ({exc}): set KUBECONFIG or run "
-                             f"in a pod, or use federated.launcher: local") from exc
-        return cls(client.AppsV1Api(), client.CoreV1Api(), client.NetworkingV1Api(), namespace, in_cluster)
-
-    def _call(self, verb: str, kind: str, *args, **kwargs):
-        api, suffix = API_METHODS[kind]
-        return getattr(self.apis[api], f"{verb}_namespaced_{suffix}")(*args, **kwargs)
-
-    def create(self, doc: dict) -> None:
-        self._call("create", doc["kind"], self.namespace, to_model(doc))
-
-    def read(self, kind: str, name: str):
-        """The object, or None when there is none."""
-        try:
-            return self._call("read", kind, name, self.namespace)
-        except ApiException as exc:
-            if exc.status == 404:
-                return None
-            raise
-
-    def list(self, kind: str, selector: str) -> list:
-        return self._call("list", kind, self.namespace, label_selector=selector).items
-
-    def delete(self, kind: str, name: str) -> bool:
-        """False when it was gone already. Pods of a Deployment go in the background."""
-        try:
-            self._call("delete", kind, name, self.namespace, propagation_policy="Background")
-            return True
-        except ApiException as exc:
-            if exc.status == 404:
-                return False
-            raise
-
-    def secret(self, name: str, key: str) -> bytes | None:
-        found = self.read("Secret", name)
-        value = (found.data or {}).get(key) if found is not None else None
-        return None if value is None else base64.b64decode(value)
-
-    def exec(self, pod: str, container: str, command: list[str], timeout: float = EXEC_TIMEOUT_S) -> str:
-        """A command's stdout in a running container (the exec API, as `kubectl exec`); raises on failure."""
-        from kubernetes.stream import stream
-
-        ws = stream(self.core.connect_get_namespaced_pod_exec, pod, self.namespace, container=container,
-                    command=command, stderr=True, stdin=False, stdout=True, tty=False, _preload_content=False)
-        try:
-            ws.run_forever(timeout=timeout)
-            if ws.is_open():
-                raise TimeoutError(f"{pod}/{container}: {command[0]} still running after {timeout:.0f} s")
-            out, err = ws.read_stdout(), ws.read_stderr()
-            try:
-                code = ws.returncode
-            except (TypeError, KeyError, ValueError, yaml.YAMLError):
-                code = None
-            if code != 0:
-                raise RuntimeError(f"{pod}/{container}: {command[0]} exited with {code}: {err.strip()[-2000:]}")
-            return out
-        finally:
-            ws.close()
 
 
 # --- one run -------------------------------------------------------------------------------------
@@ -498,7 +394,7 @@ class ClusterRun:
         self.echo(f"kubernetes: deleted {', '.join(deleted) or 'nothing'}")
         if problems:
             self.echo(f"kubernetes: WARNING, cleanup incomplete: {'; '.join(problems)}. Delete what is left with "
-                      f"kubectl -n {self.settings.namespace} delete deployment,service,networkpolicy "
+                      f"kubectl -n {self.settings.namespace} delete deployment,service,networkpolicy,secret "
                       f"-l {RUN_LABEL}={self.run_id}")
         return problems
 
@@ -518,20 +414,26 @@ def run(params: dict, settings: FederatedSettings, roles: list[str], hospitals: 
         control_factory: Callable = _control) -> dict:
     """launcher.run for federated.launcher kubernetes, after launcher.prepare's checks: {role: history}."""
     from fedbrain.dataset import load_classes
-    from fedbrain.federated.launcher import _raise_on_sigterm, run_config  # imports Flower: only here
+    from fedbrain.federated.launcher import _raise_on_sigterm, paillier_keys, run_config  # imports Flower
 
     check_supported(params, resume=resume, insecure=insecure)
     k8s = settings.kubernetes
     run_id = new_run_id(out)
-    docs = render(hospitals, run_id, namespace=k8s.namespace, image=k8s.image)
+    state = Path(settings.state_dir).resolve()
+    # The local launcher's key pair (state_dir/pki/paillier/): the private key file goes into the run's
+    # Secret for the SuperNodes' ClientApps, the public key's text into the ServerApp's run config.
+    public, private = paillier_keys(state, params, echo)
+    docs = render(hospitals, run_id, namespace=k8s.namespace, image=k8s.image,
+                  paillier_key=private.read_bytes() if private else None)
     federation = PodFederation(docs)
-    workdir = Path(settings.state_dir).resolve() / "federation" / out.name
+    workdir = state / "federation" / out.name
     shutil.rmtree(workdir, ignore_errors=True)  # the previous run's logs
     out.mkdir(parents=True, exist_ok=True)
     (out / "history.json").unlink(missing_ok=True)
     pod_params, classes = cluster_params(params, k8s), load_classes(processed)
     configs = {role: federation.run_config(run_config(settings, pod_params, role, processed, partition, out,
-                                                      resume=False, secure=True), classes) for role in roles}
+                                                      resume=False, secure=True), classes,
+                                          public.read_text() if public else "") for role in roles}
     cluster = cluster or Cluster.connect(k8s.namespace)
     echo(f"kubernetes: run {run_id} in namespace {k8s.namespace}: hospitals {hospitals}, image {k8s.image}, "
          f"{settings.rounds} rounds of {settings.local_epochs} local epochs, roles {roles}; MLflow {k8s.tracking}; "

@@ -161,7 +161,7 @@ class EncryptedAggregation:
         # its clipped, noised update; privacy/client_level.py) and no count exchange is needed.
         self.unweighted = unweighted
         self.noise_share = 1.0  # client level: sqrt(replied / sampled) of the last aggregation
-        self.public_key = paillier.load_public_key(Path(public_key_path))
+        self.public_key = paillier.load_public_key(public_key_path)  # a path, or the key's JSON text
         self.fingerprint = paillier.fingerprint(self.public_key)
         self.packings = dict(zip((UPDATE, STATISTICS), settings.packings()))
         self.statistics_sizes = statistics_sizes

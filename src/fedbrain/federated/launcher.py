@@ -511,6 +511,20 @@ def _raise_on_sigterm():
     return signal.signal(signal.SIGTERM, handler)
 
 
+def paillier_keys(state: Path, params: dict, echo: Callable[[str], None] = print) -> tuple[Path | None, Path | None]:
+    """(public, private) key files of the federation's Paillier key pair with federated.secure_aggregation
+    paillier, else (None, None). Both launchers use this one pair: the private key goes to hospitals only."""
+    encryption = EncryptionSettings.from_params(section(params, "federated"))
+    if not encryption.enabled:
+        return None, None
+    from fedbrain.secure.paillier import ensure_keys
+
+    # One key pair per federation, beside the TLS material, made on first use.
+    public, private = ensure_keys(state / "pki" / "paillier", encryption.key_bits)
+    echo(f"federation: Paillier {encryption.key_bits}-bit encrypted aggregation (public key {public})")
+    return public, private
+
+
 def prepare(params: dict, processed: Path, partition: Path, out: Path, resume: bool,
             echo: Callable[[str], None] = print) -> tuple[FederatedSettings, list[str], list[int]]:
     """Check everything a run needs before starting any process."""
@@ -551,14 +565,7 @@ def run(params: dict, processed: Path, partition: Path, out: Path, resume: bool 
     if insecure:
         echo(INSECURE_WARNING)
     pki = None if insecure else ensure_pki(state / "pki")
-    encryption = EncryptionSettings.from_params(section(params, "federated"))
-    public_key = private_key = None
-    if encryption.enabled:
-        from fedbrain.secure.paillier import ensure_keys
-
-        # One key pair per federation, beside the TLS material; the private key goes to hospitals only.
-        public_key, private_key = ensure_keys(state / "pki" / "paillier", encryption.key_bits)
-        echo(f"federation: Paillier {encryption.key_bits}-bit encrypted aggregation (public key {public_key})")
+    public_key, private_key = paillier_keys(state, params, echo)
     out.mkdir(parents=True, exist_ok=True)
     if not resume:
         (out / "history.json").unlink(missing_ok=True)

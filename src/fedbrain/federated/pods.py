@@ -7,9 +7,10 @@ hospital 0's objects copied for every hospital k by the rule of supernodes.yaml'
 `fedbrain/hospital` label, `--node-config=partition-id=<k> num-partitions=<n>`, its key Secret, its data
 claim), the project image set, and the label `fedbrain/run: <run id>` (`new_run_id`) on every object a
 run creates (`federation_objects`: the Deployments labelled `app.kubernetes.io/component: flower`, the
-SuperLink and one SuperNode per hospital, and the Services and NetworkPolicies that select their pods)
-and on its pods. The Namespace, the MLflow server, the data claims, the Secrets and the namespace-wide
-default-deny policy are long-lived: rendered, never created by a run.
+SuperLink and one SuperNode per hospital, the Services and NetworkPolicies that select their pods, and
+with a Paillier key its Secret: `with_paillier_key`) and on its pods. The Namespace, the MLflow server,
+the data claims, the TLS and SuperNode key Secrets and the namespace-wide default-deny policy are
+long-lived: rendered, never created by a run.
 
 `PodFederation` reads from the rendered objects what a run needs to know: which Deployment is the
 SuperLink and which are the SuperNodes, the Secrets holding the CA and each hospital's key (the ones
@@ -22,6 +23,7 @@ federation per namespace at a time.
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 import secrets
@@ -50,8 +52,16 @@ PROJECT_IMAGE = "fedbrain"
 KUSTOMIZATION_FIELDS = {"apiVersion", "kind", "namespace", "labels", "resources"}
 CLUSTER_SCOPED = {"Namespace", "PersistentVolume", "StorageClass", "ClusterRole", "ClusterRoleBinding",
                   "CustomResourceDefinition", "PriorityClass", "IngressClass"}
-# The kinds a run creates, in the order it creates them (deleted in reverse): policies before the pods.
-CREATED_KINDS = ("NetworkPolicy", "Service", "Deployment")
+# The kinds a run creates, in the order it creates them (deleted in reverse): policies and the Paillier
+# key's Secret before the pods (a pod mounting a Secret that is not there yet would not start).
+CREATED_KINDS = ("NetworkPolicy", "Service", "Secret", "Deployment")
+# federated.secure_aggregation paillier: the federation's private key, a Secret of the run mounted in the
+# SuperNodes' ClientApp containers only (the process that decrypts); the file name is the one
+# paillier.ensure_keys writes (PRIVATE_FILE), the node-config key the one the local launcher sets.
+PAILLIER_SECRET = "paillier-private-key"
+PAILLIER_FILE = "paillier_private.json"
+PAILLIER_MOUNT = "/app/paillier"
+PAILLIER_NODE_CONFIG = "paillier-private-key"
 
 
 # --- rendering ---------------------------------------------------------------------------------
@@ -142,21 +152,59 @@ def federation_objects(docs: list[dict]) -> list[dict]:
         return bool(selector) and any(selector.items() <= pod.items() for pod in pods)
 
     return [d for d in docs
-            if (d["kind"] == "Deployment" and _labels(d).get(COMPONENT_LABEL) == FLOWER)
+            if (d["kind"] in ("Deployment", "Secret") and _labels(d).get(COMPONENT_LABEL) == FLOWER)
             or (d["kind"] == "Service" and selects(d.get("spec", {}).get("selector") or {}))
             or (d["kind"] == "NetworkPolicy" and not d["spec"].get("podSelector", {}).get("matchExpressions")
                 and selects(d["spec"].get("podSelector", {}).get("matchLabels") or {}))]
 
 
+def _clientapp(doc: dict) -> dict:
+    found = [c for c in _containers(doc) if "--plugin-type=clientapp" in c.get("args", [])]
+    if len(found) != 1:
+        raise InputError(f"{doc['metadata']['name']}: {len(found)} containers with --plugin-type=clientapp; "
+                         f"expected one")
+    return found[0]
+
+
+def with_paillier_key(docs: list[dict], private_key: bytes) -> list[dict]:
+    """The federation with its Paillier private key (the key file's bytes) as the Secret PAILLIER_SECRET,
+    mounted read-only at PAILLIER_MOUNT in each SuperNode's ClientApp container, which decrypts (the
+    SuperNode container only relays messages and gets the file's path in its node config, as locally).
+    Nothing of it goes to the SuperLink's pod: the ServerApp holds the public key only."""
+    secret = {"apiVersion": "v1", "kind": "Secret",
+              "metadata": {"name": PAILLIER_SECRET, "labels": {"app.kubernetes.io/name": PAILLIER_SECRET,
+                                                                COMPONENT_LABEL: FLOWER}},
+              "type": "Opaque", "data": {PAILLIER_FILE: base64.b64encode(private_key).decode()}}
+    supernodes = [d for d in docs if d["kind"] == "Deployment"
+                  and any((c.get("command") or [None])[0] == "flower-supernode" for c in _containers(d))]
+    for doc in supernodes:
+        _pod_spec(doc).setdefault("volumes", []).append(
+            {"name": "paillier", "secret": {"secretName": PAILLIER_SECRET, "defaultMode": 0o440}})
+        _clientapp(doc).setdefault("volumeMounts", []).append(
+            {"name": "paillier", "mountPath": PAILLIER_MOUNT, "readOnly": True})
+        (supernode,) = [c for c in _containers(doc) if (c.get("command") or [None])[0] == "flower-supernode"]
+        args = supernode.setdefault("args", [])
+        setting = f'{PAILLIER_NODE_CONFIG}="{PAILLIER_MOUNT}/{PAILLIER_FILE}"'
+        at = [i for i, arg in enumerate(args) if arg.startswith("--node-config=")]
+        if at:
+            args[at[0]] += f" {setting}"
+        else:
+            args.append(f"--node-config={setting}")
+    return [*docs, secret]
+
+
 def render(hospitals: Iterable[int] | int, run_id: str | None = None, namespace: str | None = None,
-           image: str | None = None, manifests: Path = MANIFESTS) -> list[dict]:
+           image: str | None = None, manifests: Path = MANIFESTS, paillier_key: bytes | None = None) -> list[dict]:
     """Every object of the kustomize base for these hospitals (a count means 0..n-1), as
-    `kubectl kustomize` renders the base when they are its own; `run_id` labels what a run creates."""
+    `kubectl kustomize` renders the base when they are its own; `run_id` labels what a run creates;
+    `paillier_key` (the private key file's bytes) adds its Secret and mounts (`with_paillier_key`)."""
     kustomization, docs = load_base(manifests)
     hospitals = list(range(hospitals)) if isinstance(hospitals, int) else sorted(hospitals)
     if not hospitals:
         raise InputError("no hospitals to render SuperNodes for")
     docs = per_hospital(docs, hospitals)
+    if paillier_key is not None:
+        docs = with_paillier_key(docs, paillier_key)
     namespace = namespace or kustomization.get("namespace")
     pairs: dict[str, str] = {}
     for entry in kustomization.get("labels", []):
@@ -307,20 +355,19 @@ class PodFederation:
         """Where every hospital's ClientApp sees its data claim (volume `data`)."""
         paths = set()
         for doc in self.supernodes.values():
-            container = self._container(doc, lambda c: "--plugin-type=clientapp" in c.get("args", []),
-                                        "with --plugin-type=clientapp")
-            paths |= {m["mountPath"] for m in container.get("volumeMounts", []) if m["name"] == "data"}
+            paths |= {m["mountPath"] for m in _clientapp(doc).get("volumeMounts", []) if m["name"] == "data"}
         if len(paths) != 1:
             raise InputError(f"the SuperNodes' ClientApp containers mount volume `data` at {sorted(paths)}; "
                              f"expected one path for all")
         return paths.pop().rstrip("/")
 
-    def run_config(self, config: dict, classes: dict) -> dict:
+    def run_config(self, config: dict, classes: dict, paillier_public_key: str = "") -> dict:
         """The local launcher's run config with the paths the pods see: each hospital's claim holds
         processed/ and partition/ (as the stages write them), the ServerApp writes to its `state` volume
-        and, having no data, gets classes.json in the config."""
+        and, having no data, gets classes.json in the config, and the Paillier public key's JSON text
+        (the key file's content; "" without encryption) in place of a path to it."""
         return {**config, "processed": f"{self.data_dir}/processed", "partition": f"{self.data_dir}/partition",
-                "out": self.serverapp[1], "classes": json.dumps(classes),
+                "out": self.serverapp[1], "classes": json.dumps(classes), "paillier-public-key": paillier_public_key,
                 # Each pod's TensorFlow sizes its own pools (the launcher sets no thread count there).
                 "hospital-threads": 0}
 

@@ -67,7 +67,7 @@ class RunSettings:
     lr_decay: str
     privacy: PrivacySettings
     encryption: dict          # federated.secure_aggregation + federated.paillier (encrypted.EncryptionSettings)
-    paillier_public_key: str  # the federation's public key file; the ServerApp gets nothing more
+    paillier_public_key: str  # the public key's file, or its JSON text (kubernetes); nothing more
     # The dataset's classes.json when the run config carries it (the kubernetes launcher: the ServerApp's
     # pod has no data); None: read from `processed`.
     classes: dict | None = None

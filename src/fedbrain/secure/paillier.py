@@ -119,32 +119,49 @@ def ensure_keys(folder: Path, bits: int = 2048) -> tuple[Path, Path]:
     return public, private
 
 
-def _read_key_file(path: Path, kind: str, fields: tuple[str, ...]) -> dict[str, int]:
-    path = Path(path)
+def _read_key_file(source: Path | str, kind: str, fields: tuple[str, ...]) -> tuple[dict[str, int], str]:
+    """The key's hexadecimal fields, and how messages name it. `source`: a key file's path, or (a str
+    starting with "{") the file's JSON text, as the kubernetes launcher hands the ServerApp its public key;
+    messages never quote the text."""
+    if isinstance(source, str) and source.lstrip().startswith("{"):
+        if kind != PUBLIC_FORMAT:  # a private key lives in its 0600 file; its text is no path to quote
+            raise InputError("a Paillier private key is read from its key file only, not given as text")
+        name, text = "the Paillier key given as text", source
+    else:
+        name = str(source)
+        try:
+            text = Path(source).read_text()
+        except FileNotFoundError:
+            raise InputError(f"no Paillier key at {source}") from None
+        except OSError as e:
+            raise InputError(f"{source} is not a readable Paillier key file: {e}") from None
     try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise InputError(f"no Paillier key at {path}") from None
-    except (OSError, ValueError) as e:
-        raise InputError(f"{path} is not a readable Paillier key file: {e}") from None
+        data = json.loads(text)
+    except ValueError as e:
+        raise InputError(f"{name} is not a readable Paillier key file: {e}") from None
+    if isinstance(data, dict) and kind == PUBLIC_FORMAT and data.get("format") == PRIVATE_FORMAT:
+        raise InputError(f"{name} is the federation's Paillier PRIVATE key; the server side takes the public key "
+                         f"only ({PUBLIC_FILE})")
     if not isinstance(data, dict) or data.get("format") != kind:
-        raise InputError(f"{path} is not a {kind} file (its format field is "
+        raise InputError(f"{name} is not a {kind} file (its format field is "
                          f"{data.get('format') if isinstance(data, dict) else None!r})")
     try:
-        return {name: int(data[name], 16) for name in fields}
+        return {field: int(data[field], 16) for field in fields}, name
     except (KeyError, TypeError, ValueError):
-        raise InputError(f"{path} lacks a hexadecimal field among {fields}") from None
+        raise InputError(f"{name} lacks a hexadecimal field among {fields}") from None
 
 
-def load_public_key(path: Path) -> PaillierPublicKey:
-    n = _read_key_file(path, PUBLIC_FORMAT, ("n",))["n"]
+def load_public_key(source: Path | str) -> PaillierPublicKey:
+    """The public key from its file's path or from the file's JSON text; a private key is refused."""
+    fields, name = _read_key_file(source, PUBLIC_FORMAT, ("n",))
+    n = fields["n"]
     if n.bit_length() < 1024 or n % 2 == 0:
-        raise InputError(f"{path}: n is not a plausible Paillier modulus ({n.bit_length()} bits)")
+        raise InputError(f"{name}: n is not a plausible Paillier modulus ({n.bit_length()} bits)")
     return PaillierPublicKey(n)
 
 
 def load_private_key(path: Path) -> PaillierPrivateKey:
-    f = _read_key_file(path, PRIVATE_FORMAT, ("n", "p", "q"))
+    f, _ = _read_key_file(path, PRIVATE_FORMAT, ("n", "p", "q"))
     if f["p"] * f["q"] != f["n"] or f["p"] == f["q"] or not (gmpy2.is_prime(f["p"]) and gmpy2.is_prime(f["q"])):
         raise InputError(f"{path}: p and q are not two distinct primes whose product is n")
     return PaillierPrivateKey(PaillierPublicKey(f["n"]), f["p"], f["q"])

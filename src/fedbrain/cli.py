@@ -100,7 +100,8 @@ def evaluate(params_path, processed, partition, models, out):
 
 @main.command()
 @PARAMS
-@click.option("--model", required=True, type=click.Path(path_type=Path), help="A .keras model (classifier or segmenter).")
+@click.option("--model", required=True, help="A .keras model (classifier or segmenter), or a registered one: "
+              "models:/fedbrain-classifier@champion.")
 @click.option("--out", default="predictions", show_default=True, type=click.Path(path_type=Path),
               help="Where the segmenter's mask PNGs go.")
 @click.option("--slice", "slice_index", default=None, type=int,

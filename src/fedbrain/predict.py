@@ -6,12 +6,16 @@ NIfTI; ``a.nii.gz;b.nii.gz`` stacks co-registered modalities as channels) and
 model's input size. A classifier needs its card ``<name>.json`` beside it (the class names); without
 it predict stops and names the missing file. Every file is read before anything is predicted or
 written, so one bad file stops the command with its name and leaves no partial output.
+
+The model is a .keras path or a Model Registry URI, e.g. ``models:/fedbrain-classifier@champion``
+(fedbrain.registry: downloaded with its card to a temporary folder, loaded, the folder removed).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -90,15 +94,21 @@ def _write_mask(mask: np.ndarray, shape: tuple, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def run(params: dict, model: Path, images: list[str], out: Path = Path("predictions"),
+def run(params: dict, model: str | Path, images: list[str], out: Path = Path("predictions"),
         slice_index: int | None = None) -> list[dict]:
     from fedbrain.train import load_card
 
     if not images:
         raise InputError("no image files given; pass one or more JPEG/PNG/TIFF/NIfTI paths")
-    model_path = Path(model)
-    network = _load(model_path)
-    card = load_card(model_path)
+    with tempfile.TemporaryDirectory(prefix="fedbrain-model-") as download:
+        if str(model).startswith("models:/"):
+            from fedbrain import registry
+
+            model_path = registry.fetch(params, str(model), Path(download))
+        else:
+            model_path = Path(model)
+        network = _load(model_path)  # held in memory: the download may go
+        card = load_card(model_path)
     # A classifier's names are checked before any image is read: no output without them.
     names = _class_names(model_path, card, network.output_shape[-1]) if len(network.output_shape) == 2 else None
     _, size, _, channels = network.input_shape

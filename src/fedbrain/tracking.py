@@ -7,14 +7,21 @@ through ``metric_name`` so the MLflow UI can chart centralized epochs and federa
 together: ``train_loss``, ``train_accuracy``, ``val_loss``, ``val_accuracy``, ``val_dice``,
 ``test_accuracy``, ``test_macro_f1``, ``test_dice``, ``test_hd95``...
 
+Lineage: every training run logs the examples it fit on as an MLflow dataset input (context
+``training``, the runs table's "Dataset" column) whose digest covers their ids, labels, pixels and
+masks, the tag ``fedbrain.params_digest`` over the params.yaml sections that shaped the model, and
+the params it ran with as the artifact ``params.yaml``.
+
 The store: ``MLFLOW_TRACKING_URI`` if set, else ``mlflow.tracking_uri`` in params.yaml (default
 a SQLite file in the working tree; open the UI with ``mlflow ui --backend-store-uri sqlite:///mlflow.db``).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -31,6 +38,14 @@ DEFAULT_EXPERIMENT = "fedbrain"
 EXPERIMENT_KIND = "mlflow.experimentKind"
 MODEL_TRAINING = "custom_model_development"
 _MAX_PARAM = 500  # MLflow caps parameter values; long lists are cut, not rejected
+PARAMS_DIGEST = "fedbrain.params_digest"
+# The params.yaml sections a trained model depends on: its dvc.yaml stage's params (a federated
+# variant is already laid over them). Data settings are in the dataset's digest instead.
+CENTRALIZED_SECTIONS = ("train", "privacy")
+FEDERATED_SECTIONS = ("train", "privacy", "federated")
+TRAINING_SPLITS = ("train", "val")  # val too: early stopping chooses the weights on it
+_DIGEST_CHARS = 16  # MLflow stores at most 36 characters of a dataset digest
+_ROWS_PER_READ = 512  # images hashed a slice at a time: the whole training set is never a second copy
 
 
 def _section(params: dict) -> dict:
@@ -146,3 +161,58 @@ def log_to_run(params: dict, run_id: str | None, run_name: str, tags: dict[str, 
             if Path(artifact).is_file():
                 mlflow.log_artifact(str(artifact), artifact_path="evaluation")
         return active.info.run_id
+
+
+def params_digest(params: dict, sections: tuple[str, ...]) -> str:
+    """A short hash of the named params sections: equal digests, equally configured training."""
+    chosen = json.dumps({name: params.get(name) for name in sections}, sort_keys=True, default=str)
+    return hashlib.sha256(chosen.encode()).hexdigest()[:_DIGEST_CHARS]
+
+
+def training_dataset(params: dict, processed: Path, partition: Path):
+    """The train and val examples every trainer fits on, as an MLflow dataset named
+    ``<data.root folder>-train``; None when the data is not on this machine (the kubernetes
+    ServerApp's pod holds none).
+
+    The digest covers the rows' ids, patients, labels and split, and their pixels and masks, so it
+    changes with the data itself and not with where hospitals hold it: a centralized and a federated
+    run on one partition show one digest. Reading the training images once costs about what
+    loading them for training does.
+    """
+    import numpy as np
+    import pandas as pd
+    from mlflow.data.pandas_dataset import from_pandas
+
+    processed, partition = Path(processed), Path(partition)
+    splits_path = partition / "splits.parquet"
+    if not (splits_path.is_file() and (processed / "images.npy").is_file()):
+        return None
+    frame = pd.read_parquet(splits_path, columns=["row", "image_id", "patient_id", "label", "split", "hospital"])
+    frame = frame[frame["split"].isin(TRAINING_SPLITS)].sort_values("row").reset_index(drop=True)
+    digest = hashlib.sha256(frame.drop(columns="hospital").to_csv(index=False).encode())
+    rows = frame["row"].to_numpy(dtype=np.int64)
+    for name in ("images.npy", "masks.npy"):
+        if not (processed / name).is_file():
+            continue
+        array = np.load(processed / name, mmap_mode="r")
+        digest.update(f"{name} {array.dtype} {array.shape[1:]}".encode())
+        for start in range(0, len(rows), _ROWS_PER_READ):
+            digest.update(np.ascontiguousarray(array[rows[start:start + _ROWS_PER_READ]]).tobytes())
+    root = get(params.get("data") or {}, "root", str, "data", default="brain-tumor-mri")
+    with warnings.catch_warnings():
+        # A local path matches two equal source classes; MLflow warns and takes either.
+        warnings.simplefilter("ignore", UserWarning)
+        return from_pandas(frame, source=processed.resolve().as_uri(), targets="label",
+                           name=f"{Path(root).name}-train", digest=digest.hexdigest()[:_DIGEST_CHARS])
+
+
+def log_lineage(params: dict, dataset, sections: tuple[str, ...]) -> None:
+    """In the active run: the training dataset (when known), the params digest and params.yaml."""
+    mlflow.set_tag(PARAMS_DIGEST, params_digest(params, sections))
+    # The params as this run saw them (a variant laid over params.yaml), without the store's address.
+    mlflow.log_dict({k: v for k, v in params.items() if k != "mlflow"}, "params.yaml")
+    if dataset is not None:
+        with warnings.catch_warnings():
+            # The schema's hint that integer columns (row, hospital) hold no missing value: none do.
+            warnings.simplefilter("ignore", UserWarning)
+            mlflow.log_input(dataset, context="training")

@@ -347,8 +347,12 @@ def load_card(model_path: Path) -> dict:
 
 # --------------------------------------------------------------------------- centralized baseline
 
-def train_model(params: dict, role: str, classes: dict, train: Split, val: Split, out: Path) -> dict:
-    """Train, save and track one model: role "classifier" or "segmenter" (params train.<role>)."""
+def train_model(params: dict, role: str, classes: dict, train: Split, val: Split, out: Path,
+                dataset=None) -> dict:
+    """Train, save and track one model: role "classifier" or "segmenter" (params train.<role>).
+
+    ``dataset``: the MLflow dataset of ``train`` and ``val`` (``tracking.training_dataset``), the
+    run's lineage."""
     from fedbrain import tracking
     from fedbrain.models import build_model, task_of
 
@@ -379,6 +383,7 @@ def train_model(params: dict, role: str, classes: dict, train: Split, val: Split
     run_name = f"centralized-{role}" + ("-dp" if plan is not None else "")
     tags = {"task": task, "model": name, "training": "centralized", "privacy": privacy.mode}
     with tracking.start_run(params, run_name, tags) as run:
+        tracking.log_lineage(params, dataset, tracking.CENTRALIZED_SECTIONS)
         tracking.log_params({"data.train_images": len(train), "data.val_images": len(val),
                              "model.parameters": model.count_params()})
         start = time.perf_counter()
@@ -429,10 +434,13 @@ def run_centralized(params: dict, processed: Path, partition: Path, out: Path) -
     """Train the pooled baseline: the classifier, and the U-Net when the dataset has masks."""
     processed, partition, out = Path(processed), Path(partition), Path(out)
     classes = load_classes(processed)
+    from fedbrain import tracking
+
     train, val = load_split(processed, partition, "train"), load_split(processed, partition, "val")
-    cards = {"classifier": train_model(params, "classifier", classes, train, val, out)}
+    dataset = tracking.training_dataset(params, processed, partition)  # once: both models fit on it
+    cards = {"classifier": train_model(params, "classifier", classes, train, val, out, dataset)}
     if classes.get("has_masks"):
-        cards["segmenter"] = train_model(params, "segmenter", classes, train, val, out)
+        cards["segmenter"] = train_model(params, "segmenter", classes, train, val, out, dataset)
     histories = {role: card["history"] for role, card in cards.items()}
     _write_atomic(out / "history.json", lambda tmp: tmp.write_text(json.dumps(histories, indent=2)))
     return cards

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
+
 import mlflow
+import pandas as pd
 
 from fedbrain import tracking
 
@@ -72,3 +75,78 @@ def test_experiment_is_a_model_training_experiment(tiny_params):
     client.set_experiment_tag(old, tracking.EXPERIMENT_KIND, "finetuning")
     tracking.configure({**tiny_params, "mlflow": {**tiny_params["mlflow"], "experiment": "made-before"}})
     assert client.get_experiment(old).tags[tracking.EXPERIMENT_KIND] == "finetuning"
+
+
+def _lineage_run(params, processed, partition, sections=tracking.CENTRALIZED_SECTIONS):
+    with tracking.start_run(params, "centralized-classifier", {"training": "centralized"}) as run:
+        tracking.log_lineage(params, tracking.training_dataset(params, processed, partition), sections)
+    return mlflow.MlflowClient(params["mlflow"]["tracking_uri"]).get_run(run.info.run_id)
+
+
+def _dataset(run):
+    [logged] = run.inputs.dataset_inputs
+    assert [(t.key, t.value) for t in logged.tags] == [("mlflow.data.context", "training")]
+    return logged.dataset
+
+
+def test_runs_on_the_same_data_share_a_dataset_digest_and_changed_data_does_not(
+        classification_data, tiny_params):
+    """Lineage in a real store: the dataset input and params digest of a run, equal for equal data
+    and params, different when one training image's pixels, or a train setting, change."""
+    import numpy as np
+
+    processed, partition = classification_data
+    first, second = (_lineage_run(tiny_params, processed, partition) for _ in range(2))
+    dataset = _dataset(first)
+    assert dataset.name == "brain-tumor-mri-train" and len(dataset.digest) == 16
+    assert json.loads(dataset.profile)["num_rows"] == 40  # 4 classes x (8 train + 2 val)
+    assert _dataset(second).digest == dataset.digest
+    assert first.data.tags[tracking.PARAMS_DIGEST] == second.data.tags[tracking.PARAMS_DIGEST]
+    client = mlflow.MlflowClient(tiny_params["mlflow"]["tracking_uri"])
+    assert "params.yaml" in {a.path for a in client.list_artifacts(first.info.run_id)}
+
+    splits = pd.read_parquet(partition / "splits.parquet")
+    train_row = int(splits[splits["split"] == "train"]["row"].iloc[0])
+    images = np.load(processed / "images.npy")
+    images[train_row, 0, 0, 0] += 0.5
+    np.save(processed / "images.npy", images)
+    changed = _lineage_run(tiny_params, processed, partition)
+    assert _dataset(changed).digest != dataset.digest
+
+    retuned = {**tiny_params, "train": {**tiny_params["train"], "seed": 2}}
+    assert _lineage_run(retuned, processed, partition).data.tags[tracking.PARAMS_DIGEST] != \
+        first.data.tags[tracking.PARAMS_DIGEST]
+
+
+def test_test_images_and_hospitals_are_not_in_the_training_digest(classification_data, tiny_params):
+    """The digest is of what training sees: a test image changed, or the train rows dealt to other
+    hospitals, leave it as it was (a federated and a centralized run on one split share it)."""
+    import numpy as np
+
+    processed, partition = classification_data
+    before = tracking.training_dataset(tiny_params, processed, partition).digest
+    splits = pd.read_parquet(partition / "splits.parquet")
+    images = np.load(processed / "images.npy")
+    images[int(splits[splits["split"] == "test"]["row"].iloc[0])] += 0.5
+    np.save(processed / "images.npy", images)
+    splits.assign(hospital=np.where(splits["hospital"] >= 0, 1 - splits["hospital"], -1)).to_parquet(
+        partition / "splits.parquet")
+    assert tracking.training_dataset(tiny_params, processed, partition).digest == before
+    assert tracking.training_dataset(tiny_params, processed / "absent", partition) is None
+
+
+def test_a_federated_run_logs_its_lineage(classification_data, tiny_params):
+    """The ServerApp's run (records.Tracking): the same dataset digest as the centralized run."""
+    from types import SimpleNamespace
+
+    from fedbrain.federated.records import Tracking
+
+    processed, partition = classification_data
+    settings = SimpleNamespace(params=tiny_params, run_name="federated-classifier", processed=processed,
+                               partition=partition)
+    federated = Tracking(settings, None, {"training": "federated"})
+    federated.finish()
+    client = mlflow.MlflowClient(tiny_params["mlflow"]["tracking_uri"])
+    run = client.get_run(federated.run_id)
+    assert _dataset(run).digest == _dataset(_lineage_run(tiny_params, processed, partition)).digest
+    assert run.data.tags[tracking.PARAMS_DIGEST] == tracking.params_digest(tiny_params, tracking.FEDERATED_SECTIONS)

@@ -166,6 +166,9 @@ def test_run_centralized_saves_models_and_one_mlflow_run_each(segmentation_data,
     assert {"train_loss", "train_dice", "val_loss", "learning_rate"} <= set(run.data.metrics)
     run = client.get_run(cards["classifier"]["run_id"])
     assert {"train_accuracy", "val_accuracy"} <= set(run.data.metrics)
+    # Lineage: both models name the one training dataset they fit on, and their params' digest.
+    digests = {client.get_run(card["run_id"]).inputs.dataset_inputs[0].dataset.digest for card in cards.values()}
+    assert len(digests) == 1 and "fedbrain.params_digest" in run.data.tags
     assert run.data.tags["task"] == "classification"
     # The model is logged as an MLflow TensorFlow model and loads back.
     loaded = mlflow.tensorflow.load_model(f"runs:/{run.info.run_id}/model")

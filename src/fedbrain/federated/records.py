@@ -130,6 +130,9 @@ class Tracking:
             self.run = mlflow.start_run(run_name=settings.run_name, tags=tags)
             tracking.log_params({k: v for k, v in tracking.flatten(settings.params).items()
                                  if not k.startswith("mlflow.")})
+            # The pooled train and val rows the hospitals' shares add up to: the centralized run's digest.
+            dataset = tracking.training_dataset(settings.params, settings.processed, settings.partition)
+            tracking.log_lineage(settings.params, dataset, tracking.FEDERATED_SECTIONS)
 
     @property
     def run_id(self) -> str:

@@ -14,6 +14,7 @@ Writes, under ``out`` (``reports/``):
   comparison.csv/.md  one row per model/run: centralized and every federated variant side by side
   plots/<run>/*.png   confusion matrix, ROC curves, training curves, segmentation overlays (DVC plots)
   plots/membership_roc.png  the membership-inference audit of every classifier (fedbrain.privacy.audit)
+  curves/<task>/<run>.csv   validation curves per epoch or round as DVC data plots (fedbrain.curves)
 
 Every classifier is also attacked: members (a seeded sample of the partition's train rows) against
 as many test images it never trained on; the ``mia_*`` columns and metrics say how well an attacker
@@ -33,6 +34,7 @@ import numpy as np
 import pandas as pd
 
 from fedbrain.config import get
+from fedbrain.curves import write_curves
 from fedbrain.dataset import Split, load_classes, load_split
 from fedbrain.errors import InputError
 from fedbrain.privacy import audit as membership_audit
@@ -545,7 +547,8 @@ def run(params: dict, processed: Path, partition: Path, models: Path, out: Path)
     settings = {"threshold": get(sec, "threshold", float, "evaluate", default=0.5),
                 "overlays": get(sec, "overlays", int, "evaluate", default=6),
                 "batch_size": get(sec, "batch_size", int, "evaluate", default=64),
-                "log_mlflow": get(sec, "log_mlflow", bool, "evaluate", default=True)}
+                "log_mlflow": get(sec, "log_mlflow", bool, "evaluate", default=True),
+                "register": get(sec, "register", bool, "evaluate", default=True)}
     audit_sec = sec.get("audit") or {}
     if not isinstance(audit_sec, dict):
         raise InputError("params.yaml: 'evaluate.audit' must be a mapping (members, seed)")
@@ -562,8 +565,8 @@ def run(params: dict, processed: Path, partition: Path, models: Path, out: Path)
                                                      settings["audit"]["seed"], test)
                   if settings["audit"]["members"] > 0 else {"status": "audit skipped: evaluate.audit.members is 0"})
     audit_seconds = time.perf_counter() - audit_seconds
-    results = [evaluate_model(path, models, test, classes, settings, out / "plots", membership)
-               for path in discover(models)]
+    paths = discover(models)
+    results = [evaluate_model(path, models, test, classes, settings, out / "plots", membership) for path in paths]
 
     scalars, details, rows = {}, {}, []
     for result in results:
@@ -585,6 +588,7 @@ def run(params: dict, processed: Path, partition: Path, models: Path, out: Path)
             for result in results:
                 if result["info"]["task"] == task and result["info"]["training"] == "federated":
                     result["artifacts"].append(figure)
+    write_curves([result["info"] for result in results], out / "curves")  # DVC data plots (curves.py)
     if (figure := plot_privacy_utility(rows, out / "plots" / "privacy_utility.png")) is not None:
         for result in results:
             if result["info"]["task"] == "classification":
@@ -608,12 +612,18 @@ def run(params: dict, processed: Path, partition: Path, models: Path, out: Path)
     if settings["log_mlflow"]:
         from fedbrain import tracking
 
-        for result in results:
+        evaluated = []
+        for path, result in zip(paths, results):
             info = result["info"]
             tags = {"task": info["task"], "model": info["model"], "training": info["training"],
                     "privacy": str(info["privacy"])}
-            tracking.log_to_run(params, info["run_id"], f"evaluate-{info['run']}", tags,
-                                scalars[info["run"]], result["artifacts"] + [out / "metrics.json"])
+            run_id = tracking.log_to_run(params, info["run_id"], f"evaluate-{info['run']}", tags,
+                                         scalars[info["run"]], result["artifacts"] + [out / "metrics.json"])
+            evaluated.append({**info, "run_id": run_id, "path": path, "metrics": result["metrics"]})
+        if settings["register"]:
+            from fedbrain import registry
+
+            registry.register(params, evaluated)
     print(f"evaluate: {len(results)} model(s) on {len(test)} test images -> {out / 'comparison.md'}")
     print(comparison_markdown(table).split("\n\n", 2)[-1])
     for result in results:

@@ -132,6 +132,10 @@ def test_evaluate_stage_finds_centralized_and_federated_models(segmentation_data
     for name in ("centralized/classifier/confusion_matrix.png", "centralized/classifier/roc.png",
                  "centralized/classifier/training_curves.png", "centralized/segmenter/overlays.png"):
         assert (out / "plots" / name).stat().st_size > 1000, name
+    # Validation curves as DVC data plots, one per model with a history (the fixture gives only the
+    # centralized classifier one).
+    assert sorted(p.relative_to(out / "curves").as_posix() for p in (out / "curves").rglob("*.csv")) == [
+        "classification/centralized_classifier.csv"]
     detail = json.loads((out / "evaluation.json").read_text())
     assert len(detail["centralized/segmenter"]["metrics"]["per_patient"]) > 0
 
@@ -146,6 +150,12 @@ def test_evaluate_stage_finds_centralized_and_federated_models(segmentation_data
     # Models without a known run get an evaluation run of their own, tagged like a training run.
     runs = mlflow.search_runs(experiment_names=["fedbrain-test"], filter_string="tags.training = 'federated'")
     assert len(runs) == 1 and runs["tags.privacy"].iloc[0] == "dp"
+    # Every model is a registered version, the best of this evaluation the champion.
+    champion = client.get_model_version_by_alias("fedbrain-classifier", "champion")
+    best = max(("centralized/classifier", "federated/dp/classifier"), key=lambda r: metrics[r]["test_macro_f1"])
+    assert champion.tags["variant"] == best.rsplit("/", 1)[0]
+    assert len(client.search_model_versions("name = 'fedbrain-classifier'")) == 2
+    assert client.get_model_version_by_alias("fedbrain-segmenter", "champion").tags["variant"] == "centralized"
 
 
 def test_discover_skips_per_round_checkpoints(tmp_path):

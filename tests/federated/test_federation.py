@@ -74,11 +74,12 @@ def federation_processes(root: Path) -> list[psutil.Process]:
 
 
 def commands(root: Path) -> list[str]:
-    """The program and first two arguments of each of those processes (skipping any that just ended)."""
+    """The program and first three arguments of each of those processes (skipping any that just ended):
+    enough to name `python -m fedbrain.federated.lean flower-superlink`."""
     found = []
     for proc in federation_processes(root):
         try:
-            found.append(" ".join(proc.cmdline()[:3]))
+            found.append(" ".join(proc.cmdline()[:4]))
         except psutil.Error:
             pass
     return found

@@ -38,9 +38,12 @@ def curve_rows(history: dict[str, list[float]]) -> list[dict]:
 
 
 def write_curves(models: list[dict], out: Path) -> list[Path]:
-    """out/<task>/<run with / as _>.csv for every model whose history has its task's CURVE_FIELDS;
+    """out/<task>/<run with / as _>.csv for every model whose history has its task's CURVE_FIELDS
+    (every task's folder is made, empty when no model of it has a curve);
     other CSVs there are removed (a model no longer trained leaves no stale curve). Each file is
     written whole or not at all."""
+    for task in CURVE_FIELDS:  # a task without models still has its folder: DVC refuses a missing plot path
+        (out / task).mkdir(parents=True, exist_ok=True)
     written = []
     for info in models:
         history = info.get("history") or {}

@@ -50,12 +50,10 @@ def _logged_model_id(client: mlflow.MlflowClient, run_id: str) -> str | None:
 def _log_model(run_id: str, path: Path) -> str:
     """Log the .keras file to the run as an MLflow model (its training logged none); its model id."""
     import tensorflow as tf
-    from mlflow import tensorflow as mlflow_tensorflow
 
     model = tf.keras.models.load_model(path, compile=False)
     with mlflow.start_run(run_id=run_id):
-        info = mlflow_tensorflow.log_model(model, name=_MODEL, pip_requirements=[f"tensorflow=={tf.__version__}"])
-    return info.model_id
+        return tracking.log_tensorflow_model(model)
 
 
 def _version(client: mlflow.MlflowClient, name: str, model: dict, tags: dict[str, str]) -> str:

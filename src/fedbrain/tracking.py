@@ -130,16 +130,21 @@ def log_history(history: dict[str, list[float]], first_step: int = 0) -> None:
         log_metrics({metric_name(k): v[i] for k, v in history.items() if i < len(v)}, step=first_step + i)
 
 
+def log_tensorflow_model(model) -> str:
+    """The model as an MLflow TensorFlow model named "model" in the active run; its model id."""
+    # Bound to its own name: `import mlflow.tensorflow` here would make `mlflow` a local
+    # of this function and break callers' later use of the module.
+    from mlflow import tensorflow as mlflow_tensorflow
+    import tensorflow as tf
+
+    # Explicit requirements: inferring them re-loads the model in a subprocess (slow).
+    return mlflow_tensorflow.log_model(model, name="model", pip_requirements=[f"tensorflow=={tf.__version__}"]).model_id
+
+
 def log_keras_model(params: dict, model, path: Path | None = None) -> None:
     """The model as an MLflow TensorFlow model (``mlflow.log_models: false`` skips it), plus its card."""
     if get(_section(params), "log_models", bool, "mlflow", default=True):
-        # Bound to its own name: `import mlflow.tensorflow` here would make `mlflow` a local
-        # of this function and break the card logging below when models are not logged.
-        from mlflow import tensorflow as mlflow_tensorflow
-        import tensorflow as tf
-
-        # Explicit requirements: inferring them re-loads the model in a subprocess (slow).
-        mlflow_tensorflow.log_model(model, name="model", pip_requirements=[f"tensorflow=={tf.__version__}"])
+        log_tensorflow_model(model)
     if path is not None and Path(path).with_suffix(".json").is_file():
         mlflow.log_artifact(str(Path(path).with_suffix(".json")), artifact_path="card")
 

@@ -211,6 +211,30 @@ def training_dataset(params: dict, processed: Path, partition: Path):
                            name=f"{Path(root).name}-train", digest=digest.hexdigest()[:_DIGEST_CHARS])
 
 
+def dataset_reference(dataset) -> str:
+    """A training dataset as JSON text (name, digest, source, schema): what a process without the data
+    (the kubernetes ServerApp's pod) needs to log the same dataset (`referenced_dataset`); "" for None."""
+    if dataset is None:
+        return ""
+    return json.dumps({"name": dataset.name, "digest": dataset.digest, "source": dataset.source.uri,
+                       "schema": dataset.schema.to_json() if dataset.schema is not None else None})
+
+
+def referenced_dataset(text: str):
+    """The dataset `dataset_reference` described, as an MLflow MetaDataset: the same name, digest and
+    source in the runs table, without reading the data."""
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.types import Schema
+
+    described = json.loads(text)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # as in training_dataset: two equal local source classes
+        source = resolve_dataset_source(described["source"])
+    schema = Schema.from_json(described["schema"]) if described.get("schema") else None
+    return MetaDataset(source, name=described["name"], digest=described["digest"], schema=schema)
+
+
 def log_lineage(params: dict, dataset, sections: tuple[str, ...]) -> None:
     """In the active run: the training dataset (when known), the params digest and params.yaml."""
     mlflow.set_tag(PARAMS_DIGEST, params_digest(params, sections))

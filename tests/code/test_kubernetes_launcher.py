@@ -165,9 +165,10 @@ def test_what_the_run_reads_from_the_manifests():
                                     "out": "/here/out", "rounds": 3}, CLASSES)
     assert config == {"processed": "/app/data/processed", "partition": "/app/data/partition",
                       "out": "/app/state/out", "rounds": 3, "classes": json.dumps(CLASSES), "hospital-threads": 0,
-                      "paillier-public-key": ""}
-    # the app template declares the key, or Flower would drop it from the run config
-    assert 'classes = ""' in (PROJECT / "src/fedbrain/federated/app/pyproject.toml").read_text()
+                      "paillier-public-key": "", "training-dataset": ""}
+    # the app template declares the keys, or Flower would drop them from the run config
+    template = (PROJECT / "src/fedbrain/federated/app/pyproject.toml").read_text()
+    assert 'classes = ""' in template and 'training-dataset = ""' in template
 
 
 def test_a_kustomization_it_cannot_render_is_refused(tmp_path):
@@ -672,8 +673,10 @@ def test_the_serverapp_takes_the_classes_from_the_run_config_when_it_has_no_data
               "fraction-train": 1.0, "fraction-evaluate": 1.0, "min-train-nodes": 2, "min-evaluate-nodes": 2,
               "min-available-nodes": 2, "round-timeout": 1.0, "node-wait-timeout": 1.0, "resume": False,
               "run-name": "t", "secure": True, "calibration-images": 0, "lr-decay": "cosine"}
-    pods = PodFederation(render(3)).run_config(config, CLASSES)
+    pods = PodFederation(render(3)).run_config(config, CLASSES, training_dataset='{"name": "x-train"}')
     assert RunSettings.from_run_config(pods).class_info() == CLASSES
+    assert RunSettings.from_run_config(pods).training_dataset == '{"name": "x-train"}'
+    assert RunSettings.from_run_config(config).training_dataset == ""  # the local launcher: read from processed
     (tmp_path / "nowhere").mkdir()
     (tmp_path / "nowhere" / "classes.json").write_text(json.dumps({**CLASSES, "size": 64}))
     assert RunSettings.from_run_config({**config, "classes": ""}).class_info()["size"] == 64  # the local launcher's

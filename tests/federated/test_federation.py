@@ -403,3 +403,92 @@ def test_insecure_flag_warns_and_a_segmenter_trains_federated(tmp_path, tiny_mod
     (run,) = client.search_runs([client.get_experiment_by_name("fedbrain-test").experiment_id])
     assert run.data.tags["secure"] == "false" and run.data.tags["task"] == "segmentation"
     assert [m.step for m in client.get_metric_history(run.info.run_id, "val_dice")] == [1]
+
+
+def test_a_hospital_whose_update_is_nan_is_rejected_and_the_rounds_go_on_without_it(tmp_path, tiny_model):
+    """Hospital 2's training images are NaN (a corrupt export), so every update it sends has NaN
+    weights: the server rejects it with the reason each round, averages hospitals 0 and 1, and the
+    rejection is on the console, in the card, in MLflow and in the audit log (update_checks.py)."""
+    import numpy as np
+    import pandas as pd
+
+    processed, partition = make_federated_data(tmp_path / "data", hospitals=3)
+    images = np.load(processed / "images.npy")
+    rows = pd.read_parquet(partition / "hospital_2" / "index.parquet").query("split == 'train'")["row"]
+    images[rows.to_numpy()] = np.nan  # its validation images stay sound: it still evaluates the global model
+    np.save(processed / "images.npy", images)
+    params = tiny_params(tmp_path, rounds=2, model=TINY_PLAIN)
+    out = tmp_path / "models" / "federated" / "fedavg"
+    lines = []
+
+    launcher.run(params, processed, partition, out, echo=lines.append)
+
+    card = json.loads((out / "classifier.json").read_text())
+    assert [r["round"] for r in card["round_records"]] == [1, 2] and "stopped_by_validation" not in card
+    assert card["failures"] == []
+    for record in card["round_records"]:
+        (rejection,) = record["rejections"]
+        assert (rejection["hospital"], rejection["round"], rejection["what"]) == (2, record["round"], "update")
+        assert "NaN or infinite value(s)" in rejection["reason"]
+        # The round went on with the other two; hospital 2's training figures are not on record.
+        # (Hospital 2 trained, so its time is on record; its examples and training metrics are not.)
+        averaged = {k for k, h in record["hospitals"].items() if "examples" in h}
+        assert averaged == {"0", "1"} and record["hospitals"]["2"]["rejected"] == 1.0
+        assert not any(key.startswith("train_") and key != "train_time_s" for key in record["hospitals"]["2"])
+        assert np.isfinite(record["metrics"]["train_loss"])
+    assert [(r["round"], r["hospital"]) for r in card["rejections"]] == [(1, 2), (2, 2)]
+    for r in (1, 2):
+        assert any(f"round {r}: hospital 2 " in line and "update rejected: update has" in line for line in lines), lines
+    model = tf.keras.models.load_model(out / "classifier.keras", compile=False)
+    assert all(np.isfinite(w).all() for w in model.get_weights())
+
+    client = MlflowClient(tracking_uri=params["mlflow"]["tracking_uri"])
+    (run,) = client.search_runs([client.get_experiment_by_name("fedbrain-test").experiment_id])
+    for r in (1, 2):
+        assert "NaN or infinite" in run.data.tags[f"rejected/round_{r}/hospital_2"]
+    assert {m.step: m.value for m in client.get_metric_history(run.info.run_id, "hospital_2/rejected")} == \
+        {1: 1.0, 2: 1.0}
+    assert {m.step: m.value for m in client.get_metric_history(run.info.run_id, "nodes_rejected")} == {1: 1, 2: 1}
+    assert run.data.params["federated.update_norm_factor"] == "10.0"  # the default, logged with the run
+    # Hospital 2's val_* of the global models count: its validation images are sound.
+    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "hospital_2/val_accuracy")) == [1, 2]
+
+    entries = [json.loads(line) for line in (out / "audit" / "classifier.jsonl").read_text().splitlines()]
+    rejected = [e for e in entries if e["status"] == "rejected"]
+    assert [(e["round"], e["hospital"], e["phase"]) for e in rejected] == [(1, 2, "train"), (2, 2, "train")]
+    assert all(e["reason"].startswith("update: update has") for e in rejected)
+
+
+def test_a_round_with_too_few_valid_updates_stops_the_run_and_keeps_the_last_good_model(tmp_path, tiny_model):
+    """min_valid_updates=3 and hospital 2's update is NaN: round 1 has two valid updates, so the run
+    stops before averaging anything, saves the last good global model (here the initial one) as a
+    usable model, and says why in the card, MLflow and the log; the audit log stays verifiable."""
+    import numpy as np
+    import pandas as pd
+
+    from fedbrain.secure.audit import verify
+
+    processed, partition = make_federated_data(tmp_path / "data", hospitals=3)
+    images = np.load(processed / "images.npy")
+    rows = pd.read_parquet(partition / "hospital_2" / "index.parquet").query("split == 'train'")["row"]
+    images[rows.to_numpy()] = np.nan
+    np.save(processed / "images.npy", images)
+    params = tiny_params(tmp_path, rounds=2, model=TINY_PLAIN)
+    params["federated"]["min_valid_updates"] = 3
+    out = tmp_path / "models" / "federated" / "fedavg"
+    lines = []
+
+    launcher.run(params, processed, partition, out, echo=lines.append)
+
+    card = json.loads((out / "classifier.json").read_text())
+    stop = card["stopped_by_validation"]
+    assert stop["round"] == 1 and "2 valid update(s), fewer than federated.min_valid_updates=3" in stop["reason"]
+    assert [(r["hospital"], r["what"]) for r in stop["rejections"]] == [(2, "update")]
+    assert card["rounds"] == 0 and card["rounds_planned"] == 2
+    assert any("too few valid updates: stopping after round 0 of 2" in line for line in lines), lines
+    model = tf.keras.models.load_model(out / "classifier.keras", compile=False)
+    assert all(np.isfinite(w).all() for w in model.get_weights())
+    client = MlflowClient(tracking_uri=params["mlflow"]["tracking_uri"])
+    (run,) = client.search_runs([client.get_experiment_by_name("fedbrain-test").experiment_id])
+    assert run.info.status == "FINISHED" and "fewer than" in run.data.tags["stopped_by_validation"]
+    assert verify(out / "audit" / "classifier.jsonl").ok

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import mlflow
 import pandas as pd
@@ -150,3 +151,29 @@ def test_a_federated_run_logs_its_lineage(classification_data, tiny_params):
     run = client.get_run(federated.run_id)
     assert _dataset(run).digest == _dataset(_lineage_run(tiny_params, processed, partition)).digest
     assert run.data.tags[tracking.PARAMS_DIGEST] == tracking.params_digest(tiny_params, tracking.FEDERATED_SECTIONS)
+
+
+def test_a_serverapp_without_the_data_logs_the_launchers_reference_of_it(classification_data, tiny_params):
+    """The kubernetes ServerApp's pod holds no data: the launcher computes the dataset where the data is
+    (tracking.dataset_reference, carried in the run config) and the ServerApp's run shows the same name,
+    digest and source as a run that read the data itself."""
+    from types import SimpleNamespace
+
+    from fedbrain.federated.records import Tracking
+
+    processed, partition = classification_data
+    reference = tracking.dataset_reference(tracking.training_dataset(tiny_params, processed, partition))
+    assert tracking.dataset_reference(None) == ""
+    settings = SimpleNamespace(params=tiny_params, run_name="federated-classifier", processed=Path("/app/data/none"),
+                               partition=Path("/app/data/none"), training_dataset=reference)
+    pod = Tracking(settings, None, {"training": "federated"})
+    pod.finish()
+    client = mlflow.MlflowClient(tiny_params["mlflow"]["tracking_uri"])
+    logged, local = _dataset(client.get_run(pod.run_id)), _dataset(_lineage_run(tiny_params, processed, partition))
+    assert (logged.name, logged.digest, logged.source) == (local.name, local.digest, local.source)
+    assert json.loads(logged.schema) == json.loads(local.schema)
+
+    settings.training_dataset = ""  # neither the data nor a reference: no dataset, still a run
+    bare = Tracking(settings, None, {"training": "federated"})
+    bare.finish()
+    assert client.get_run(bare.run_id).inputs.dataset_inputs == []

@@ -36,6 +36,7 @@ from fedbrain.federated.task import (CALIBRATION_WEIGHT_KEY, PREVIOUS_STATISTICS
                                     WEIGHT_KEY, RunSettings, batch_norm_statistics, build, evaluate_locally,
                                     hospital_data, returned_epoch, set_batch_norm_statistics, train_locally,
                                     trainable_positions, weights_of, weights_record)
+from fedbrain.federated.update_checks import check_values
 from fedbrain.privacy.budget import HospitalPrivacy
 from fedbrain.privacy.client_level import noised_update
 
@@ -203,10 +204,16 @@ def _round(msg: Message, context: Context, train: bool) -> Message:
                 update = trained.astype(np.float64) - sent
                 # Moving statistics travel as encrypted statistics (above), not as part of the update.
                 update[~trainable_positions(model)] = 0.0
+                # The server sees ciphertexts only and cannot check values: this hospital does, before
+                # encrypting (update_checks.py). Raising sends an error reply with the reason instead.
+                if (reason := check_values([update])) is not None:
+                    raise ValueError(f"hospital {hospital}, round {server_round}: {reason}; not encrypted or sent")
                 if settings.privacy.mode == "client":  # clipped, with this hospital's share of the noise
                     update = noised_update(sent.astype(np.float64), trained, settings.privacy.l2_norm_clip,
                                            settings.privacy.client_noise(settings.rounds), int(config[TOTAL]))
                     weight = 1  # an unweighted mean: each hospital sends 1 / m of its update
+            if stats and (reason := check_values(stats, "statistics")) is not None:
+                raise ValueError(f"hospital {hospital}, round {server_round}: {reason}; not encrypted or sent")
             cipher.encrypt_reply(content, config, update, stats, weight, hospital, server_round)
         metrics["encryption-time-s"] = phases.seconds["encryption"]
     _RECEIVED[context.run_id] = (int(config["weights-round"]), received)

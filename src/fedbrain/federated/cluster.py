@@ -413,6 +413,7 @@ def run(params: dict, settings: FederatedSettings, roles: list[str], hospitals: 
         echo: Callable[[str], None] = print, cluster: Cluster | None = None,
         control_factory: Callable = _control) -> dict:
     """launcher.run for federated.launcher kubernetes, after launcher.prepare's checks: {role: history}."""
+    from fedbrain import tracking
     from fedbrain.dataset import load_classes
     from fedbrain.federated.launcher import _raise_on_sigterm, paillier_keys, run_config  # imports Flower
 
@@ -431,9 +432,11 @@ def run(params: dict, settings: FederatedSettings, roles: list[str], hospitals: 
     out.mkdir(parents=True, exist_ok=True)
     (out / "history.json").unlink(missing_ok=True)
     pod_params, classes = cluster_params(params, k8s), load_classes(processed)
+    # The ServerApp's pod has no data: the lineage digest is computed here, where the stages wrote it.
+    dataset = tracking.dataset_reference(tracking.training_dataset(params, processed, partition))
     configs = {role: federation.run_config(run_config(settings, pod_params, role, processed, partition, out,
                                                       resume=False, secure=True), classes,
-                                          public.read_text() if public else "") for role in roles}
+                                          public.read_text() if public else "", dataset) for role in roles}
     cluster = cluster or Cluster.connect(k8s.namespace)
     echo(f"kubernetes: run {run_id} in namespace {k8s.namespace}: hospitals {hospitals}, image {k8s.image}, "
          f"{settings.rounds} rounds of {settings.local_epochs} local epochs, roles {roles}; MLflow {k8s.tracking}; "

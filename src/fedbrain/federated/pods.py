@@ -361,13 +361,16 @@ class PodFederation:
                              f"expected one path for all")
         return paths.pop().rstrip("/")
 
-    def run_config(self, config: dict, classes: dict, paillier_public_key: str = "") -> dict:
+    def run_config(self, config: dict, classes: dict, paillier_public_key: str = "",
+                   training_dataset: str = "") -> dict:
         """The local launcher's run config with the paths the pods see: each hospital's claim holds
         processed/ and partition/ (as the stages write them), the ServerApp writes to its `state` volume
-        and, having no data, gets classes.json in the config, and the Paillier public key's JSON text
-        (the key file's content; "" without encryption) in place of a path to it."""
+        and, having no data, gets classes.json and the training dataset's reference
+        (tracking.dataset_reference, computed where the data is) in the config, and the Paillier public
+        key's JSON text (the key file's content; "" without encryption) in place of a path to it."""
         return {**config, "processed": f"{self.data_dir}/processed", "partition": f"{self.data_dir}/partition",
                 "out": self.serverapp[1], "classes": json.dumps(classes), "paillier-public-key": paillier_public_key,
+                "training-dataset": training_dataset,
                 # Each pod's TensorFlow sizes its own pools (the launcher sets no thread count there).
                 "hospital-threads": 0}
 

@@ -27,6 +27,8 @@ class RoundRecord:
     metrics: dict = field(default_factory=dict)     # train_*, local_val_*, val_*: averaged over hospitals
     hospitals: dict = field(default_factory=dict)   # "<k>" -> examples, train_time_s, its metrics
     failures: list = field(default_factory=list)    # {hospital, node_id, phase, reason}
+    # {hospital, round, reason, node_id, what}: updates left out of the average (update_checks.py)
+    rejections: list = field(default_factory=list)
 
     @property
     def slowest_training_s(self) -> float:
@@ -46,7 +48,8 @@ class RoundRecord:
                      "bytes_down": self.bytes_down, "bytes_up": self.bytes_up,
                      "nodes_online": self.nodes_online,
                      "nodes_trained": sum(1 for h in self.hospitals.values() if "train_time_s" in h),
-                     "nodes_failed": len(self.failures), "slowest_training_s": self.slowest_training_s,
+                     "nodes_failed": len(self.failures), "nodes_rejected": len(self.rejections),
+                     "slowest_training_s": self.slowest_training_s,
                      "orchestration_overhead": self.overhead})
         for k, values in self.hospitals.items():
             flat.update({f"hospital_{k}/{name}": value for name, value in values.items()
@@ -132,6 +135,8 @@ class Tracking:
                                  if not k.startswith("mlflow.")})
             # The pooled train and val rows the hospitals' shares add up to: the centralized run's digest.
             dataset = tracking.training_dataset(settings.params, settings.processed, settings.partition)
+            if dataset is None and settings.training_dataset:  # a pod without the data: the launcher's digest
+                dataset = tracking.referenced_dataset(settings.training_dataset)
             tracking.log_lineage(settings.params, dataset, tracking.FEDERATED_SECTIONS)
 
     @property

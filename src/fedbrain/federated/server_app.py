@@ -25,6 +25,11 @@ round R - 1's model) and a `query.evaluate_kept` message, carrying only the pool
 evaluates round R's with the weights each hospital kept from the calibration message.
 A round's figures are logged once its global model is complete, its val_* when they arrive.
 
+Every update is checked before it is averaged (update_checks.py): a rejected one is left out with
+its reason (console, MLflow, audit log) and the round goes on with the rest; a round with fewer than
+`federated.min_valid_updates` valid updates stops the run, as the privacy budget does, and the last
+good global model (the previous round's) is the one calibrated, evaluated and saved.
+
 The loop is Flower's `Strategy.start` written out, so that a round can be resumed from a
 checkpoint (`--resume`) and recorded (per-hospital metrics, failures, bytes, times) as it ends.
 A resumed run starts with the round after the last saved global model (the round in flight when
@@ -55,10 +60,12 @@ from fedbrain.federated.encrypted import EncryptedAggregation, EncryptionSetting
 from fedbrain.federated.records import (Checkpoints, Evaluation, RoundRecord, Tracking, atomic_write_text,
                                        history_of, merge_evaluation)
 from fedbrain.federated.phases import is_phase
+from fedbrain.federated.settings import update_rules
 from fedbrain.federated.strategy import HospitalFedAvg, content_bytes
 from fedbrain.federated.task import (PREVIOUS_STATISTICS, VAL_WEIGHT_KEY, WEIGHT_KEY, RunSettings,
                                     batch_norm_layers, build, lr_scale, set_batch_norm_statistics,
                                     weights_of, weights_record)
+from fedbrain.federated.validation import RejectionLog, average_encrypted, record_rejections, stop_reason
 from fedbrain.federated.waits import limit_object_pulls, shorten_object_pulls
 from fedbrain.privacy.budget import PRIVACY_KEYS, PrivacyLedger
 from fedbrain.secure.audit import AuditLog, reply_entry
@@ -217,15 +224,10 @@ def hospital_round(grid: Grid, strategy: HospitalFedAvg, settings: RunSettings, 
     replies, unanswered = exchange(grid, strategy, messages, settings.round_timeout, while_waiting)
     pooled_secure = None
     if encrypted is not None:
-        strategy.collect("train" if train else "calibrate", replies, record.round)
-        received = [(strategy.destinations.get(m.metadata.reply_to_message_id, m.metadata.src_node_id), m)
-                    for m in replies if not m.has_error()]
-        (flat,) = arrays.to_numpy_ndarrays()
         clock = time.perf_counter()
-        update, pooled_secure = encrypted.aggregate(side_exchange, received, record.round, flat.size,
-                                                    strategy.phase.failures, strategy.phase.name)
+        new_arrays, pooled_secure = average_encrypted(strategy, encrypted, side_exchange, replies, arrays,
+                                                      record.round, train)
         record.decryption_phase_s += time.perf_counter() - clock
-        new_arrays = ArrayRecord([flat + update.astype(np.float32)]) if train and update is not None else None
         averaged = strategy.phase.averaged_metrics()
     elif train:
         new_arrays, averaged = strategy.aggregate_train(record.round, replies)
@@ -235,11 +237,16 @@ def hospital_round(grid: Grid, strategy: HospitalFedAvg, settings: RunSettings, 
     record.bytes_up += strategy.phase.bytes_up
     record.failures += _failures(strategy, unanswered, known, settings, record.round)
     evaluation = Evaluation(previous[0]) if previous is not None else None
-    for k, report in _reports_by_hospital(strategy, known).items():
+    reports = _reports_by_hospital(strategy, known)
+    rejected = record_rejections(strategy, record, known)
+    for k, report in reports.items():
         hospital = record.hospitals.setdefault(k, {})
         # Time spent in this round's messages (the last round calibrates and evaluates more than once).
         _add_times(hospital, report)
-        if train:
+        if train and k in rejected:
+            # Not averaged: none of its training figures either; the privacy it spent training counts.
+            hospital.update({key: float(report[key]) for key in PRIVACY_KEYS if key in report})
+        elif train:
             hospital.update({"examples": int(report.get(WEIGHT_KEY, 0)),
                              "train_time_s": float(report.get("train-time-s", 0.0)),
                              "epochs_run": int(report.get("epochs-run", 0)),
@@ -264,9 +271,7 @@ def hospital_round(grid: Grid, strategy: HospitalFedAvg, settings: RunSettings, 
     else:  # [] for a model without BatchNormalization (hospitals replied, sending none); None: nobody did
         has_statistics = encrypted.statistics_sizes if encrypted is not None else statistics
         pooled = [] if strategy.phase.reports and not has_statistics else None
-    if train and new_arrays is None:
-        log(WARNING, "round %d: no hospital returned an update; the global model is unchanged", record.round)
-        new_arrays = arrays
+    # None when training gave too few valid updates: the caller decides (main).
     return new_arrays, pooled, evaluation
 
 
@@ -369,6 +374,7 @@ def main(grid: Grid, context: Context) -> None:
     state = checkpoints.latest() if settings.resume else None
     if state is not None:
         first = state["round"] + 1
+        state.pop("stopped", None)  # a run stopped for too few valid updates goes on from its last good model
         model.set_weights(tf.keras.models.load_model(checkpoints.model_path(state["round"]),
                                                      compile=False).get_weights())
         log(INFO, "resuming %s after round %d of %d", settings.role, state["round"], settings.rounds)
@@ -382,6 +388,7 @@ def main(grid: Grid, context: Context) -> None:
     tags = {"task": settings.task, "model": settings.model, "training": "federated", "privacy": settings.privacy.mode,
             "strategy": "fedavg", "secure": str(settings.secure).lower(), "role": settings.role,
             "aggregation": "paillier" if settings.encrypted else "plaintext"}
+    rules = update_rules(settings.params)
     tracking = Tracking(settings, state["run_id"], tags)
     state["run_id"] = tracking.run_id
     if first == 1:
@@ -391,7 +398,10 @@ def main(grid: Grid, context: Context) -> None:
                              "federated.fraction_train": settings.fraction_train,
                              "federated.secure": settings.secure,
                              "federated.hospital_threads_resolved": int(context.run_config.get("hospital-threads", 0)),
-                             "model.parameters": model.count_params()})
+                             "model.parameters": model.count_params(),
+                             # The update checks' defaults (the ones params.yaml sets are logged as written).
+                             **{f"federated.{key}": value for key, value in rules.as_params().items()
+                                if key not in (settings.params.get("federated") or {})}})
 
     ledger = PrivacyLedger(settings.privacy, rounds=settings.rounds)
     # Client level: the server adds the noise (Flower's wrapper), or under Paillier the hospitals do.
@@ -400,7 +410,7 @@ def main(grid: Grid, context: Context) -> None:
     strategy = HospitalFedAvg(fraction_train=settings.fraction_train, fraction_evaluate=settings.fraction_evaluate,
                               min_train_nodes=settings.min_train_nodes,
                               min_evaluate_nodes=settings.min_evaluate_nodes,
-                              min_available_nodes=settings.min_available_nodes, client_dp=client_dp)
+                              min_available_nodes=settings.min_available_nodes, client_dp=client_dp, rules=rules)
     global_models = GlobalModels(settings, model, checkpoints, tracking, state)
     # One line per reply received, hash-chained (fedbrain audit verify); a resumed run continues it.
     audit_path = settings.out / "audit" / f"{settings.role}.jsonl"
@@ -416,6 +426,8 @@ def main(grid: Grid, context: Context) -> None:
         aggregation = "paillier"
     strategy.on_reply = lambda server_round, phase, node, reply: audit.append(
         reply_entry(server_round, phase, node, known.get(node), reply, aggregation))
+
+    strategy.on_rejection = RejectionLog(settings.role, tracking, audit, known, aggregation)
     # The weights the hospitals get next (the initial or resumed model, then each round's average)
     # and the last finished global model the next message lets them evaluate: (round, statistics).
     arrays = weights_record(model.get_weights())
@@ -443,6 +455,19 @@ def main(grid: Grid, context: Context) -> None:
             record.metrics.update(ledger.record(server_round, record.hospitals,
                                                 encryption.noise_share if encryption is not None else 1.0))
             state["node_hospital"] = {str(n): k for n, k in known.items()}
+            if new_arrays is None and ledger.refused:
+                # The hospitals refused to cross their privacy budget: the budget stops the run next round.
+                log(WARNING, "round %d: no hospital returned an update; the global model is unchanged", server_round)
+                new_arrays = arrays
+            elif new_arrays is None:
+                state["stopped"] = stop_reason(settings.role, strategy, record, settings.rounds, tracking)
+                global_models.last_round = server_round - 1
+                # This round's exchange still measured the statistics of round r - 1's average and
+                # evaluated round r - 2's model: complete and save round r - 1's (the last good) model
+                # now; it is evaluated below with an evaluate message.
+                global_models.finish(evaluation, pending, arrays, pooled, server_round - 1)
+                pending, finish = None, None
+                break
             finish = functools.partial(global_models.finish, evaluation, pending, arrays, pooled, server_round - 1)
             previous = (server_round - 1, pooled or [])
             arrays, pending = new_arrays, record
@@ -475,7 +500,8 @@ def main(grid: Grid, context: Context) -> None:
         if last_unevaluated:
             tracking.log(RoundRecord(**state["rounds"][-1]).round_metrics(), global_models.last_round)
         checkpoints.save_state(state)
-        _log_round(settings, state)
+        if state["rounds"]:  # none when round 1 already had too few valid updates
+            _log_round(settings, state)
     except BaseException:
         tracking.finish("FAILED")
         raise
@@ -487,7 +513,10 @@ def main(grid: Grid, context: Context) -> None:
             "classes": info["classes"], "run_id": tracking.run_id, "strategy": "fedavg", "aggregation": aggregation,
             "rounds": global_models.last_round, "rounds_planned": settings.rounds,
             "local_epochs": settings.local_epochs, "history": history,
-            "initial": state["initial"], "round_records": state["rounds"], "failures": failures}
+            "initial": state["initial"], "round_records": state["rounds"], "failures": failures,
+            "rejections": [r for record in state["rounds"] for r in record.get("rejections", [])]}
+    if "stopped" in state:
+        card["stopped_by_validation"] = state["stopped"]
     card["audit_log"] = audit.path.relative_to(settings.out).as_posix()
     card["audit_entries"], card["audit_last_sha256"] = audit.head()
     path = settings.out / f"{settings.role}.keras"

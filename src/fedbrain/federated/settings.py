@@ -10,6 +10,7 @@ from pathlib import Path
 from fedbrain.config import get, section
 from fedbrain.dataset import load_classes
 from fedbrain.errors import InputError
+from fedbrain.federated.update_checks import UpdateRules
 
 ROLES = ("classifier", "segmenter")
 # Where train-federated runs its federation: processes on this machine, or pods (federated/cluster.py).
@@ -91,6 +92,8 @@ class FederatedSettings:
     hospital_threads: int | str = "auto"
     launcher: str = "local"
     kubernetes: KubernetesSettings = field(default_factory=KubernetesSettings)
+    # min_valid_updates, update_norm_factor, max_update_examples (update_checks.py)
+    updates: UpdateRules = field(default_factory=UpdateRules)
 
     @classmethod
     def from_params(cls, params: dict) -> FederatedSettings:
@@ -120,6 +123,7 @@ class FederatedSettings:
             hospital_threads=get(sec, "hospital_threads", (int, str), where, default=d.hospital_threads),
             launcher=get(sec, "launcher", str, where, choices=LAUNCHERS, default=d.launcher),
             kubernetes=KubernetesSettings.from_params(sec.get("kubernetes")),
+            updates=update_rules(params),
         )
         settings.check()
         return settings
@@ -167,6 +171,20 @@ class FederatedSettings:
         """What each hospital passes to fedbrain.train.fit: train.<role>, then federated.train on top."""
         base = section(section(params, "train"), role)
         return {**base, **self.train}
+
+
+def update_rules(params: dict) -> UpdateRules:
+    """The checks on the hospitals' updates from params.yaml's `federated` section (defaults for the
+    keys it lacks). The ServerApp reads them from the run's params, as the stage did."""
+    sec, where, d = params.get("federated") or {}, "federated", UpdateRules()
+    if not isinstance(sec, dict):
+        raise InputError(f"params.yaml: 'federated' is {sec!r}; expected a mapping")
+    rules = UpdateRules(
+        min_valid_updates=get(sec, "min_valid_updates", int, where, default=d.min_valid_updates),
+        norm_factor=get(sec, "update_norm_factor", float, where, default=d.norm_factor),
+        max_examples=sec.get("max_update_examples", d.max_examples))
+    rules.check()
+    return rules
 
 
 def _per_role(value: int | dict, defaults: dict) -> dict:

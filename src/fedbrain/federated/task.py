@@ -71,6 +71,9 @@ class RunSettings:
     # The dataset's classes.json when the run config carries it (the kubernetes launcher: the ServerApp's
     # pod has no data); None: read from `processed`.
     classes: dict | None = None
+    # tracking.dataset_reference of the train and val examples when the run config carries it (the
+    # kubernetes launcher computes it where the data is); "": the ServerApp reads the data itself.
+    training_dataset: str = ""
 
     @classmethod
     def from_run_config(cls, cfg) -> RunSettings:
@@ -108,6 +111,7 @@ class RunSettings:
             encryption=json.loads(str(cfg.get("secure-aggregation", "{}"))),
             paillier_public_key=str(cfg.get("paillier-public-key", "")),
             classes=json.loads(str(cfg["classes"])) if cfg.get("classes") else None,
+            training_dataset=str(cfg.get("training-dataset", "")),
         )
 
     def class_info(self) -> dict:

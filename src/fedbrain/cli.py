@@ -103,13 +103,16 @@ def evaluate(params_path, processed, partition, models, out):
 @click.option("--model", required=True, help="A .keras model (classifier or segmenter), or a registered one: "
               "models:/fedbrain-classifier@champion.")
 @click.option("--out", default="predictions", show_default=True, type=click.Path(path_type=Path),
-              help="Where the segmenter's mask PNGs go.")
+              help="Where the segmenter's mask PNGs and --explain's overlays go.")
 @click.option("--slice", "slice_index", default=None, type=int,
               help="Axial slice of NIfTI inputs (default: the middle one).")
+@click.option("--explain", is_flag=True, help="Also write OUT/<image>_gradcam.png per classified image: the "
+              "Grad-CAM heat map of the predicted class over the image (where the classifier found its evidence).")
 @click.argument("images", nargs=-1, required=True)
-def predict(params_path, model, out, slice_index, images):
+def predict(params_path, model, out, slice_index, explain, images):
     """Class probabilities (JSON on stdout) and tumour masks for image files."""
-    _run("predict", "run", params_path, model=model, images=list(images), out=out, slice_index=slice_index)
+    _run("predict", "run", params_path, model=model, images=list(images), out=out, slice_index=slice_index,
+         explain=explain)
 
 
 @main.command(name="train-federated")

@@ -12,13 +12,20 @@ Writes, under ``out`` (``reports/``):
   metrics.json        every scalar test metric per run (what each run's MLflow record holds)
   evaluation.json     the details: per-class scores, confusion matrices, per-patient Dice/HD95
   comparison.csv/.md  one row per model/run: centralized and every federated variant side by side
-  plots/<run>/*.png   confusion matrix, ROC curves, training curves, segmentation overlays (DVC plots)
+  plots/<run>/*.png   confusion matrix, ROC curves, training curves, segmentation overlays (fedbrain.plots),
+                      a classifier's reliability diagram and Grad-CAM gallery (fedbrain.reliability,
+                      fedbrain.explain): DVC plots
   plots/membership_roc.png  the membership-inference audit of every classifier (fedbrain.privacy.audit)
   curves/<task>/<run>.csv   validation curves per epoch or round as DVC data plots (fedbrain.curves)
 
 Every classifier is also attacked: members (a seeded sample of the partition's train rows) against
 as many test images it never trained on; the ``mia_*`` columns and metrics say how well an attacker
 tells them apart, and for a DP model whether that beats what its (epsilon, delta) allows.
+
+Every classifier's probabilities are checked too (``fedbrain.reliability``): expected calibration
+error and Brier score as they are and after temperature scaling, with the temperature of the model's
+card, or, for a card without one, fitted here on the validation split (``temperature_source`` says
+which). The temperature changes no predicted class: accuracy and F1 are the unscaled model's.
 """
 
 from __future__ import annotations
@@ -33,10 +40,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from fedbrain import explain, reliability
 from fedbrain.config import get
 from fedbrain.curves import write_curves
 from fedbrain.dataset import Split, load_classes, load_split
 from fedbrain.errors import InputError
+from fedbrain.plots import (plot_confusion_matrix, plot_history, plot_membership_roc, plot_overlays,
+                            plot_privacy_utility, plot_roc, plot_rounds)
 from fedbrain.privacy import audit as membership_audit
 
 # mia_*: the membership-inference audit; mia_auc and the TPRs are the stronger attack's (the larger).
@@ -44,12 +54,14 @@ MIA_COLUMNS = ["mia_status", "mia_auc", "mia_loss_auc", "mia_tpr_at_1pct_fpr", "
                "mia_accuracy_gap", "mia_exceeds_dp_bound"]
 # reports/headline/<run>.json, the DVC metrics: `dvc metrics show` makes one column per name (a row
 # per run), so the table stays this wide however many runs there are. The rest is in metrics.json.
-HEADLINE = {"classification": ("test_accuracy", "test_macro_f1", "test_roc_auc", "mia_auc"),
+HEADLINE = {"classification": ("test_accuracy", "test_macro_f1", "test_roc_auc", "test_ece_calibrated", "mia_auc"),
             "segmentation": ("test_dice", "test_dice_tumour_slices", "test_hd95")}
 HEADLINE_PRIVACY = ("epsilon",)
+RELIABILITY_COLUMNS = ["ece", "ece_calibrated", "brier", "brier_calibrated", "temperature", "temperature_source"]
 COMPARISON_COLUMNS = ["run", "training", "model", "task", "privacy", "epsilon", "delta", "aggregation", "accuracy",
-                      "macro_f1", "roc_auc", "dice", "hd95", "dice_tumour_slices", "test_images", "train_time_s",
-                      "round_time_s", "mb_per_round", *MIA_COLUMNS, "run_id"]
+                      "macro_f1", "roc_auc", *RELIABILITY_COLUMNS, "dice", "hd95", "dice_tumour_slices", "test_images",
+                      "train_time_s", "round_time_s", "mb_per_round", *MIA_COLUMNS, "run_id"]
+IN_EVALUATE = "fitted on validation split in evaluate"
 
 
 # --------------------------------------------------------------------------- classification
@@ -151,190 +163,6 @@ def segmentation_metrics(masks: np.ndarray, proba: np.ndarray, patient_ids: list
     }
 
 
-# --------------------------------------------------------------------------- plots
-
-def _figure(width: float, height: float):
-    from matplotlib.figure import Figure  # no pyplot: no global backend state
-
-    return Figure(figsize=(width, height), layout="constrained")
-
-
-def _save(fig, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    return path
-
-
-def plot_confusion_matrix(matrix: list[list[int]], classes: list[str], title: str, path: Path) -> Path:
-    matrix = np.asarray(matrix)
-    fig = _figure(1.6 + 1.1 * len(classes), 1.2 + 1.0 * len(classes))
-    ax = fig.subplots()
-    rows = matrix.sum(axis=1, keepdims=True)
-    shares = np.divide(matrix, rows, out=np.zeros(matrix.shape), where=rows > 0)
-    image = ax.imshow(shares, cmap="Blues", vmin=0, vmax=1)
-    for (i, j), count in np.ndenumerate(matrix):
-        ax.text(j, i, f"{count}\n{shares[i, j]:.0%}", ha="center", va="center", fontsize=8,
-                color="white" if shares[i, j] > 0.5 else "black")
-    ax.set_xticks(range(len(classes)), classes, rotation=30, ha="right")
-    ax.set_yticks(range(len(classes)), classes)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    ax.set_title(title, fontsize=9)
-    fig.colorbar(image, ax=ax, label="share of true class")
-    return _save(fig, path)
-
-
-def plot_roc(y_true: np.ndarray, proba: np.ndarray, classes: list[str], title: str, path: Path) -> Path:
-    from sklearn.metrics import auc, roc_curve
-
-    fig = _figure(5, 4.5)
-    ax = fig.subplots()
-    for k, name in enumerate(classes):
-        positives = y_true == k
-        if 0 < positives.sum() < len(y_true):
-            fpr, tpr, _ = roc_curve(positives, proba[:, k])
-            ax.plot(fpr, tpr, label=f"{name} (AUC {auc(fpr, tpr):.3f})")
-    ax.plot([0, 1], [0, 1], "k:", linewidth=0.8)
-    ax.set_xlabel("false positive rate")
-    ax.set_ylabel("true positive rate")
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=8, loc="lower right")
-    return _save(fig, path)
-
-
-def plot_history(history: dict[str, list[float]], title: str, path: Path) -> Path | None:
-    """Loss and the task metric, train vs val, per epoch (or round)."""
-    panels = [k for k in ("loss", "accuracy", "dice") if k in history or f"val_{k}" in history]
-    if not panels:
-        return None
-    fig = _figure(4.2 * len(panels), 3.6)
-    axes = np.atleast_1d(fig.subplots(1, len(panels)))
-    for ax, key in zip(axes, panels):
-        for name, style in ((key, "-"), (f"val_{key}", "--")):
-            if name in history:
-                ax.plot(range(1, len(history[name]) + 1), history[name], style, label=name)
-        ax.set_xlabel("epoch / round")
-        ax.set_title(key)
-        ax.legend(fontsize=8)
-    fig.suptitle(title, fontsize=9)
-    return _save(fig, path)
-
-
-def plot_overlays(split: Split, proba: np.ndarray, threshold: float, count: int, title: str, path: Path) -> Path | None:
-    """Test slices with tumour: truth outlined in green, prediction in red (largest tumours first)."""
-    areas = split.masks[..., 0].sum(axis=(1, 2))
-    picks = [i for i in np.argsort(-areas, kind="stable") if areas[i] > 0][:count]
-    if not picks:
-        return None
-    fig = _figure(2.4 * len(picks), 2.8)
-    axes = np.atleast_1d(fig.subplots(1, len(picks)))
-    for ax, i in zip(axes, picks):
-        image = split.images[i]
-        # FLAIR is the middle channel of the TCGA/LGG layout; otherwise show the first channel.
-        ax.imshow(image[..., 1 if image.shape[-1] == 3 else 0], cmap="gray")
-        ax.contour(split.masks[i, ..., 0], levels=[0.5], colors="lime", linewidths=0.8)
-        if (proba[i, ..., 0] > threshold).any():
-            ax.contour(proba[i, ..., 0], levels=[threshold], colors="red", linewidths=0.8)
-        ax.set_title(str(split.image_ids[i])[-24:], fontsize=7)
-        ax.axis("off")
-    fig.suptitle(f"{title}: truth green, prediction red", fontsize=9)
-    return _save(fig, path)
-
-
-def _kept_epoch(history: dict[str, list[float]]) -> int:
-    """The epoch whose weights training kept: the lowest val_loss (early stopping's monitor), else the last."""
-    losses = history.get("val_loss") or []
-    return int(np.argmin(losses)) if losses else len(next(iter(history.values()), [0])) - 1
-
-
-def _run_label(result: dict, test_key: str) -> str:
-    """'<run> (test 0.962)'; a missing score says so (0.0 is a score, not a missing one)."""
-    score = result["metrics"].get(test_key)
-    return f"{result['info']['run']} (test {'n/a' if score is None else f'{score:.3f}'})"
-
-
-def plot_rounds(results: list[dict], task: str, path: Path) -> Path | None:
-    """Federated runs' global validation score per round, each centralized run of the same task as a
-    reference line (its score at the epoch it kept); test scores in the legend."""
-    key = "accuracy" if task == "classification" else "dice"
-    test_key = "accuracy" if task == "classification" else "dice_tumour_slices"
-    runs = [r for r in results if r["info"]["task"] == task and (r["info"]["history"] or {}).get(f"val_{key}")]
-    federated = [r for r in runs if r["info"]["training"] == "federated"]
-    if not federated:
-        return None
-    fig = _figure(6.4, 4.0)
-    ax = fig.subplots()
-    for r in federated:
-        values = r["info"]["history"][f"val_{key}"]
-        ax.plot(range(1, len(values) + 1), values, "o-", markersize=3,
-                label=_run_label(r, test_key))
-    for r in runs:
-        if r["info"]["training"] == "centralized":
-            history = r["info"]["history"]
-            ax.axhline(history[f"val_{key}"][_kept_epoch(history)], linestyle="--", color="grey",
-                       label=_run_label(r, test_key))
-    ax.set_xlabel("round")
-    ax.set_ylabel(f"global val_{key}")
-    ax.set_title(f"{task}: federated per round vs centralized", fontsize=9)
-    ax.legend(fontsize=7, loc="lower right")
-    return _save(fig, path)
-
-
-def plot_privacy_utility(rows: list[dict], path: Path) -> Path | None:
-    """Test accuracy against epsilon: every DP classifier a point, every non-private one a
-    horizontal reference line (epsilon infinite)."""
-    classifiers = [r for r in rows if r["task"] == "classification" and r["accuracy"] is not None]
-    private = [r for r in classifiers if r["epsilon"] is not None]
-    if not private:
-        return None
-    fig = _figure(6.0, 4.0)
-    ax = fig.subplots()
-    for r in private:
-        ax.plot(r["epsilon"], r["accuracy"], "o", label=f"{r['run']} (epsilon {r['epsilon']:.2f}, delta {r['delta']:.0e})")
-    for r in classifiers:
-        if r["epsilon"] is None:
-            ax.axhline(r["accuracy"], linestyle="--", color="grey", linewidth=1)
-            ax.annotate(f"{r['run']} (no DP)", (0.01, r["accuracy"]), xycoords=("axes fraction", "data"), fontsize=7)
-    ax.set_xlabel("epsilon (largest hospital's, at its delta)")
-    ax.set_ylabel("test accuracy")
-    ax.set_title("privacy vs utility", fontsize=9)
-    ax.legend(fontsize=7, loc="lower right")
-    return _save(fig, path)
-
-
-def plot_membership_roc(results: list[dict], path: Path) -> Path | None:
-    """Every audited classifier's membership ROC on log-log axes (Carlini et al. 2022: what matters is
-    the TPR at a low FPR), each attack; a DP model's ceiling min(1, e^epsilon FPR + delta) dashed."""
-    audited = [r for r in results if (r.get("audit") or {}).get("status") == "audited"]
-    if not audited:
-        return None
-    fig = _figure(6.4, 5.0)
-    ax = fig.subplots()
-    floor = 0.5 / max(r["audit"]["nonmembers"] for r in audited)  # below the smallest FPR measurable
-    grid = np.logspace(np.log10(floor), 0, 200)
-    for k, r in enumerate(audited):
-        colour, audit = f"C{k % 10}", r["audit"]
-        for name, style in (("calibrated", "-"), ("loss", ":")):
-            attack = audit["attacks"][name]
-            fpr, tpr = attack["curve"]["fpr"], attack["curve"]["tpr"]
-            ax.plot(np.maximum(fpr, floor), np.maximum(tpr, floor), style, color=colour, linewidth=1.2,
-                    label=f"{r['info']['run']} {name} (AUC {attack['auc']:.3f})")
-        if audit["dp_ceiling"] is not None:
-            epsilon, delta = r["info"]["epsilon"], r["info"]["delta"] or 0.0
-            ax.plot(grid, [membership_audit.dp_tpr_ceiling(epsilon, delta, f) for f in grid], "--", color=colour,
-                    linewidth=0.8, label=f"{r['info']['run']} DP ceiling (epsilon {epsilon:.2f})")
-    ax.plot(grid, grid, "k-", linewidth=0.6, alpha=0.5, label="chance")
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlim(floor, 1)
-    ax.set_ylim(floor, 1.05)
-    ax.set_xlabel("false positive rate (non-members called members)")
-    ax.set_ylabel("true positive rate (members found)")
-    ax.set_title("membership inference: train members vs test non-members", fontsize=9)
-    ax.legend(fontsize=6, loc="lower right")
-    return _save(fig, path)
-
-
 def audit_report(run: str, audit: dict, epsilon: float | None, delta: float | None) -> list[str]:
     """Printed lines: the audit's numbers, a DP model's ceiling beside each TPR, a WARNING per excess."""
     if audit.get("status") != "audited":
@@ -399,6 +227,8 @@ def describe(path: Path, models: Path, model, card: dict) -> dict:
             "model": card.get("model") or model.name, "epsilon": card.get("epsilon"), "delta": card.get("delta"),
             "aggregation": card.get("aggregation", "fedavg" if training == "federated" else None),
             "run_id": card.get("run_id"), "train_time_s": card.get("train_time_s"), "history": history,
+            "temperature": card.get("temperature"),
+            "temperature_source": None if card.get("temperature") is None else "card",
             **federation_costs(card)}
 
 
@@ -435,10 +265,11 @@ def _without_curves(audit: dict) -> dict:
 
 def run_scalars(info: dict, metrics: dict, audit: dict) -> dict:
     """A run's metrics.json entry (and its MLflow metrics): every defined scalar test metric as
-    ``test_<name>``, epsilon and delta for a DP run, the audit's ``mia_*``."""
+    ``test_<name>``, epsilon and delta for a DP run, a classifier's temperature, the audit's ``mia_*``."""
     flat = {f"test_{k}": v for k, v in metrics.items() if isinstance(v, (int, float)) or v is None}
     if info["epsilon"] is not None:
         flat.update(epsilon=info["epsilon"], delta=info["delta"])
+    flat["temperature"] = info.get("temperature")
     flat.update(membership_audit.audit_scalars(audit))
     return {k: v for k, v in flat.items() if v is not None}
 
@@ -479,7 +310,10 @@ def comparison_markdown(table: pd.DataFrame) -> str:
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(cell(row[c]) for c in columns) + " |" for _, row in table.iterrows()]
     return ("# Test-set comparison\n\nEvery model on the same held-out test split "
-            "(`fedbrain evaluate`). HD95 in pixels of the preprocessed images. `mia_*`: membership "
+            "(`fedbrain evaluate`). HD95 in pixels of the preprocessed images. `ece`: expected calibration "
+            "error (15 equal-width confidence bins; 0 = a probability p is right a share p of the time), "
+            "`brier`: Brier score; `_calibrated`: after dividing the logits by `temperature`, fitted on "
+            "the validation split (`temperature_source`). `mia_*`: membership "
             "inference, train images against as many test images (AUC 0.5 = no measurable leak, "
             "which is no proof of privacy); `mia_exceeds_dp_bound`: an attack's TPR beat what the "
             "model's (epsilon, delta) allows.\n\n" + "\n".join(lines) + "\n")
@@ -497,10 +331,20 @@ def audit_classifier(model, membership, test_proba: np.ndarray, test: Split, inf
                                         seed=settings.get("audit", {}).get("seed", 0))
 
 
+def _temperature(model, val: Split | None, batch_size: int) -> dict:
+    """A classifier's temperature when its card has none: fitted on the validation split, never the test split's."""
+    if val is None or len(val) == 0:
+        return {"temperature": 1.0, "temperature_source": "none: no validation split to fit it on"}
+    proba = model.predict(val.images, batch_size=batch_size, verbose=0)
+    return {"temperature": reliability.fit_temperature(proba, val.labels), "temperature_source": IN_EVALUATE}
+
+
 def evaluate_model(path: Path, models: Path, test: Split, classes: list[str], settings: dict, plots: Path,
-                   membership: membership_audit.MembershipSample | dict | None = None) -> dict:
+                   membership: membership_audit.MembershipSample | dict | None = None,
+                   val: Split | None = None) -> dict:
     """One model's test metrics and plots; with ``membership`` (a sample, or why there is none) also
-    its membership audit (``result["audit"]``, classifiers only)."""
+    its membership audit (``result["audit"]``, classifiers only). ``val``: the validation split, to fit
+    a classifier's temperature when its card has none."""
     import tensorflow as tf
 
     from fedbrain.train import load_card
@@ -526,6 +370,16 @@ def evaluate_model(path: Path, models: Path, test: Split, classes: list[str], se
         artifacts.append(plot_confusion_matrix(metrics["confusion_matrix"], classes, title,
                                                run_plots / "confusion_matrix.png"))
         artifacts.append(plot_roc(test.labels, proba, classes, title, run_plots / "roc.png"))
+        if info["temperature"] is None:
+            info.update(_temperature(model, val, settings["batch_size"]))
+        metrics.update(reliability.assess(proba, test.labels, info["temperature"]))
+        artifacts.append(reliability.plot_reliability_diagram(proba, test.labels, info["temperature"], title,
+                                                              run_plots / "reliability.png"))
+        try:
+            artifacts.append(explain.plot_gallery(model, test.images, test.labels, reliability.scale(
+                proba, info["temperature"]), classes, title, run_plots / "explanations.png"))
+        except explain.NotExplainable as exc:
+            print(f"explanations {info['run']}: none: {exc}")
         if membership is not None:
             started = time.perf_counter()
             audit = audit_classifier(model, membership, proba, test, info, settings)
@@ -566,7 +420,8 @@ def run(params: dict, processed: Path, partition: Path, models: Path, out: Path)
                   if settings["audit"]["members"] > 0 else {"status": "audit skipped: evaluate.audit.members is 0"})
     audit_seconds = time.perf_counter() - audit_seconds
     paths = discover(models)
-    results = [evaluate_model(path, models, test, classes, settings, out / "plots", membership) for path in paths]
+    val = load_split(processed, partition, "val")  # for temperatures no card holds
+    results = [evaluate_model(path, models, test, classes, settings, out / "plots", membership, val) for path in paths]
 
     scalars, details, rows = {}, {}, []
     for result in results:
@@ -578,7 +433,8 @@ def run(params: dict, processed: Path, partition: Path, models: Path, out: Path)
                      "privacy": info["privacy"], "epsilon": info["epsilon"], "delta": info["delta"],
                      "aggregation": info["aggregation"],
                      "accuracy": metrics.get("accuracy"), "macro_f1": metrics.get("macro_f1"),
-                     "roc_auc": metrics.get("roc_auc"), "dice": metrics.get("dice"), "hd95": metrics.get("hd95"),
+                     "roc_auc": metrics.get("roc_auc"), **{c: metrics.get(c, info.get(c)) for c in RELIABILITY_COLUMNS},
+                     "dice": metrics.get("dice"), "hd95": metrics.get("hd95"),
                      "dice_tumour_slices": metrics.get("dice_tumour_slices"), "test_images": len(test),
                      "train_time_s": info["train_time_s"], "round_time_s": info["round_time_s"],
                      "mb_per_round": info["mb_per_round"], **_mia_cells(audit), "run_id": info["run_id"]})
@@ -628,6 +484,9 @@ def run(params: dict, processed: Path, partition: Path, models: Path, out: Path)
     print(comparison_markdown(table).split("\n\n", 2)[-1])
     for result in results:
         info = result["info"]
+        if info["task"] == "classification":
+            print(reliability.summary_line(info["run"], info["temperature"], info["temperature_source"],
+                                           result["metrics"]))
         for line in audit_report(info["run"], result["audit"], info["epsilon"], info["delta"]):
             print(line)
     spent = audit_seconds + sum(r["audit"].get("seconds", 0.0) for r in results)

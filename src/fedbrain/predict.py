@@ -9,12 +9,19 @@ written, so one bad file stops the command with its name and leaves no partial o
 
 The model is a .keras path or a Model Registry URI, e.g. ``models:/fedbrain-classifier@champion``
 (fedbrain.registry: downloaded with its card to a temporary folder, loaded, the folder removed).
+
+A classifier's probabilities are divided by the temperature its card holds (``temperature``,
+fitted on the validation split; ``fedbrain.reliability``), which changes no predicted class.
+``explain``: for each classified image, ``<out>/<stem>_gradcam.png``, the image with the Grad-CAM
+heat map of the predicted class over it (``fedbrain.explain``). A model without one (a segmenter, a
+network without a convolutional layer) is named with the reason, and predicted as usual.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -84,6 +91,11 @@ def _class_names(model_path: Path, card: dict, outputs: int) -> list[str]:
     return [str(c) for c in classes]
 
 
+def _stem(source: str) -> str:
+    """``scan.nii.gz;flair.nii.gz`` -> ``scan``: the first file's name without its extensions."""
+    return Path(str(source).split(";")[0]).name.split(".")[0]
+
+
 def _write_mask(mask: np.ndarray, shape: tuple, path: Path) -> None:
     from PIL import Image
 
@@ -94,8 +106,20 @@ def _write_mask(mask: np.ndarray, shape: tuple, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def _explainer(network, model: str | Path, segmenter: bool):
+    """Grad-CAM of this network, or None after saying why there is none."""
+    from fedbrain.explain import GradCam, NotExplainable
+
+    try:
+        return GradCam(network)
+    except NotExplainable as exc:
+        still = "its masks are written as usual" if segmenter else "its probabilities are printed as usual"
+        print(f"--explain: {model}: no Grad-CAM explanation: {exc}; {still}", file=sys.stderr)
+        return None
+
+
 def run(params: dict, model: str | Path, images: list[str], out: Path = Path("predictions"),
-        slice_index: int | None = None) -> list[dict]:
+        slice_index: int | None = None, explain: bool = False) -> list[dict]:
     from fedbrain.train import load_card
 
     if not images:
@@ -111,6 +135,7 @@ def run(params: dict, model: str | Path, images: list[str], out: Path = Path("pr
         card = load_card(model_path)
     # A classifier's names are checked before any image is read: no output without them.
     names = _class_names(model_path, card, network.output_shape[-1]) if len(network.output_shape) == 2 else None
+    explainer = _explainer(network, model, names is None) if explain else None
     _, size, _, channels = network.input_shape
     preprocess = params.get("preprocess") or {}
     inputs = [read_input(str(source), size, channels, preprocess, slice_index) for source in images]
@@ -122,13 +147,28 @@ def run(params: dict, model: str | Path, images: list[str], out: Path = Path("pr
     if outputs.ndim == 4:  # segmenter: a tumour probability per pixel
         for source, (_, shape), proba in zip(images, inputs, outputs):
             mask = (proba[..., 0] > threshold).astype(np.uint8)
-            stem = Path(str(source).split(";")[0]).name.split(".")[0]
-            path = Path(out) / f"{stem}_mask.png"
+            path = Path(out) / f"{_stem(source)}_mask.png"
             _write_mask(mask, shape, path)
             results.append({"image": str(source), "mask": str(path), "tumour_fraction": float(mask.mean())})
     else:
-        for source, proba in zip(images, outputs):
-            results.append({"image": str(source), "prediction": names[int(np.argmax(proba))],
-                            "probabilities": {n: round(float(p), 6) for n, p in zip(names, proba)}})
+        temperature = card.get("temperature")
+        if temperature is not None:
+            from fedbrain.reliability import scale
+
+            outputs = scale(outputs, temperature)
+        maps = explainer(batch, outputs.argmax(axis=1))[0] if explainer is not None else [None] * len(images)
+        for source, proba, image, heatmap in zip(images, outputs, batch, maps):
+            predicted = int(np.argmax(proba))
+            result = {"image": str(source), "prediction": names[predicted],
+                      "probabilities": {n: round(float(p), 6) for n, p in zip(names, proba)}}
+            if temperature is not None:
+                result["temperature"] = float(temperature)
+            if heatmap is not None:
+                from fedbrain.explain import write_overlay
+
+                path = Path(out) / f"{_stem(source)}_gradcam.png"
+                write_overlay(image, heatmap, f"{names[predicted]} p={proba[predicted]:.2f}", path)
+                result["explanation"] = str(path)
+            results.append(result)
     print(json.dumps(results, indent=2))
     return results

@@ -333,7 +333,8 @@ def save_model(model: tf.keras.Model, path: Path, card: dict) -> None:
     """``<name>.keras`` plus its card ``<name>.json`` (what evaluate and predict read).
 
     The card's keys: task, model, training (centralized | federated), privacy, epsilon,
-    classes, run_id (the MLflow run to add test metrics to), history (per epoch or round).
+    classes, run_id (the MLflow run to add test metrics to), history (per epoch or round), and a
+    classifier's temperature (with temperature_fitted_on; fedbrain.reliability).
     """
     path = Path(path)
     _write_atomic(path, lambda tmp: model.save(tmp))
@@ -405,11 +406,25 @@ def train_model(params: dict, role: str, classes: dict, train: Split, val: Split
             tracking.log_metrics({"epsilon": privacy_card["epsilon"]})
         card = {"task": task, "model": name, "training": "centralized", **privacy_card,
                 "classes": classes["classes"], "run_id": run.info.run_id, "train_time_s": seconds,
-                "history": history}
+                "history": history, **_temperature_card(model, task, val, get(opts, "batch_size", int, where))}
+        if "temperature" in card:
+            tracking.log_metrics({"temperature": card["temperature"]})
         path = out / f"{role}.keras"
         save_model(model, path, card)
         tracking.log_keras_model(params, model, path)
     return card
+
+
+def _temperature_card(model: tf.keras.Model, task: str, val: Split, batch_size: int) -> dict:
+    """A classifier's temperature (fedbrain.reliability), fitted on the validation split: the card's
+    ``temperature`` and ``temperature_fitted_on``; nothing for a segmenter or an empty split."""
+    if task != "classification" or len(val) == 0:
+        return {}
+    from fedbrain import reliability
+
+    proba = model.predict(val.images, batch_size=batch_size, verbose=0)
+    return {"temperature": reliability.fit_temperature(proba, val.labels),
+            "temperature_fitted_on": f"validation split ({len(val)} images)"}
 
 
 def _privacy_plan(params: dict, opts: dict, role: str, examples: int, epochs: int):

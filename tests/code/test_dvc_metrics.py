@@ -32,6 +32,7 @@ def listed_metrics() -> set[str]:
 
 
 def _classifier_scalars(rng, epsilon: float | None) -> dict:
+    from fedbrain import reliability
     from fedbrain.evaluate import classification_metrics, run_scalars
     from fedbrain.privacy.audit import audit_model
 
@@ -40,8 +41,10 @@ def _classifier_scalars(rng, epsilon: float | None) -> dict:
 
     labels = rng.integers(0, len(CLASSES), 60)
     audit = audit_model(proba(60), labels, proba(60), labels, epsilon, 1e-5 if epsilon else None)
-    info = {"epsilon": epsilon, "delta": 1e-5 if epsilon else None}
-    return run_scalars(info, classification_metrics(labels, proba(60), CLASSES), audit)
+    info = {"epsilon": epsilon, "delta": 1e-5 if epsilon else None, "temperature": 1.3}
+    test = proba(60)
+    metrics = {**classification_metrics(labels, test, CLASSES), **reliability.assess(test, labels, 1.3)}
+    return run_scalars(info, metrics, audit)
 
 
 def _segmenter_scalars(rng) -> dict:
@@ -99,6 +102,7 @@ def test_metrics_show_on_the_sample_is_a_headline_table(tmp_path):
     for run in runs:
         row = by_path[f"reports/headline/{run}.json"]
         assert 0.0 <= float(row["test_accuracy"]) <= 1.0 and row["test_macro_f1"] != "-" and row["mia_auc"] != "-"
+        assert 0.0 <= float(row["test_ece_calibrated"]) <= 1.0
     assert by_path["reports/headline/federated/secure/classifier.json"]["epsilon"] == "2.5"
     assert by_path["reports/headline/federated/fedavg/classifier.json"]["epsilon"] == "-"
     assert by_path["reports/validation/summary.json"]["success"] == "True"

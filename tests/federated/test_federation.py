@@ -20,6 +20,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import psutil
 import pytest
 import tensorflow as tf
@@ -216,6 +217,15 @@ def test_two_rounds_three_hospitals_tls_auth_tracked_and_cleaned_up(tmp_path, ti
         scores = [task.evaluate_locally(saved, settings, k) for k in range(3)]
         expected = sum(n * s["loss"] for s, n in scores) / sum(n for _, n in scores)
         assert history["classifier"]["val_loss"][r - 1] == pytest.approx(expected, rel=1e-5)
+    # The last model's temperature, fitted by the server from the hospitals' validation NLL per
+    # candidate temperature (each hospital sent its own; nobody held the pooled split): the one the
+    # pooled validation split gives.
+    from fedbrain.reliability import choose_temperature
+
+    grids = [task.evaluate_locally(saved, settings, k, temperatures=True) for k in range(3)]
+    pooled_nll = sum(n * np.asarray(s[task.TEMPERATURE_NLL]) for s, n in grids)
+    assert card["temperature"] == pytest.approx(choose_temperature(pooled_nll))
+    assert card["temperature_fitted_on"].startswith("validation split (12 images at 3 hospitals")
 
     # One MLflow run with the centralized run's metric names, step = round.
     client = MlflowClient(tracking_uri=params["mlflow"]["tracking_uri"])
@@ -230,6 +240,7 @@ def test_two_rounds_three_hospitals_tls_auth_tracked_and_cleaned_up(tmp_path, ti
     assert val == {1: pytest.approx(history["classifier"]["val_accuracy"][0]),
                    2: pytest.approx(history["classifier"]["val_accuracy"][1])}
     assert run.data.metrics["failures"] == 0
+    assert run.data.metrics["temperature"] == pytest.approx(card["temperature"])
 
 
 def test_unregistered_supernode_is_refused_and_one_without_the_ca_cannot_connect(tmp_path):

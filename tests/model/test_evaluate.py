@@ -10,9 +10,11 @@ import pandas as pd
 import pytest
 
 from fedbrain import tracking
-from fedbrain.evaluate import MIA_COLUMNS, _run_label, classification_metrics, dice_hd95, segmentation_metrics
+from fedbrain.evaluate import (IN_EVALUATE, MIA_COLUMNS, RELIABILITY_COLUMNS, classification_metrics, dice_hd95,
+                               segmentation_metrics)
 from fedbrain.evaluate import run as evaluate
 from fedbrain.models import build_model
+from fedbrain.plots import _run_label
 from fedbrain.privacy.audit import CLASSIFIERS_ONLY
 from fedbrain.train import save_model
 
@@ -95,7 +97,7 @@ def test_evaluate_stage_finds_centralized_and_federated_models(segmentation_data
     history = {"loss": [1.0, 0.5], "val_loss": [1.1, 0.7], "accuracy": [0.4, 0.6], "val_accuracy": [0.3, 0.5]}
     save_model(build_model("cnn", (32, 32, 3), 2), models / "centralized" / "classifier.keras",
                {"task": "classification", "model": "cnn", "training": "centralized", "privacy": "none",
-                "classes": ["no_tumor", "tumor"], "run_id": run_id, "history": history})
+                "classes": ["no_tumor", "tumor"], "run_id": run_id, "history": history, "temperature": 1.5})
     save_model(build_model("unet", (32, 32, 3), 2), models / "centralized" / "segmenter.keras",
                {"task": "segmentation", "model": "unet", "training": "centralized", "run_id": None})
     # A federated variant written by someone else, without a card: inferred from its path.
@@ -115,8 +117,8 @@ def test_evaluate_stage_finds_centralized_and_federated_models(segmentation_data
     headlines = {p.relative_to(out / "headline").with_suffix("").as_posix(): json.loads(p.read_text())
                  for p in (out / "headline").rglob("*.json")}
     assert set(headlines) == set(metrics)
-    assert headlines["centralized/classifier"] == {k: cls[k] for k in ("test_accuracy", "test_macro_f1",
-                                                                        "test_roc_auc", "mia_auc")}
+    assert headlines["centralized/classifier"] == {k: cls[k] for k in ("test_accuracy", "test_macro_f1", "test_roc_auc",
+                                                                        "test_ece_calibrated", "mia_auc")}
     assert set(headlines["centralized/segmenter"]) <= {"test_dice", "test_dice_tumour_slices", "test_hd95"}
     assert "test_dice" in headlines["centralized/segmenter"]
     csv = pd.read_csv(out / "comparison.csv")
@@ -130,8 +132,20 @@ def test_evaluate_stage_finds_centralized_and_federated_models(segmentation_data
     assert (out / "plots" / "membership_roc.png").stat().st_size > 1000
     assert len(csv) == 3 and "federated/dp/classifier" in (out / "comparison.md").read_text()
     for name in ("centralized/classifier/confusion_matrix.png", "centralized/classifier/roc.png",
-                 "centralized/classifier/training_curves.png", "centralized/segmenter/overlays.png"):
+                 "centralized/classifier/training_curves.png", "centralized/segmenter/overlays.png",
+                 "centralized/classifier/reliability.png", "centralized/classifier/explanations.png",
+                 "federated/dp/classifier/reliability.png", "federated/dp/classifier/explanations.png"):
         assert (out / "plots" / name).stat().st_size > 1000, name
+    # Reliability: the card's temperature, or one fitted on the validation split for a card without it.
+    assert set(RELIABILITY_COLUMNS) <= set(csv)
+    reliability = csv.set_index("run")[RELIABILITY_COLUMNS]
+    assert tuple(reliability.loc["centralized/classifier", ["temperature", "temperature_source"]]) == (1.5, "card")
+    assert reliability.loc["federated/dp/classifier", "temperature_source"] == IN_EVALUATE
+    assert reliability.loc["centralized/segmenter"].isna().all()
+    assert cls["temperature"] == 1.5 and 0.0 <= cls["test_ece_calibrated"] <= 1.0 and 0.0 <= cls["test_brier"] <= 2.0
+    assert {"test_ece", "test_brier", "test_brier_calibrated"} <= set(cls)
+    assert "temperature" in metrics["federated/dp/classifier"]
+    assert not {"test_ece", "temperature"} & set(metrics["centralized/segmenter"])
     # Validation curves as DVC data plots, one per model with a history (the fixture gives only the
     # centralized classifier one).
     assert sorted(p.relative_to(out / "curves").as_posix() for p in (out / "curves").rglob("*.csv")) == [
@@ -145,8 +159,11 @@ def test_evaluate_stage_finds_centralized_and_federated_models(segmentation_data
     run = client.get_run(run_id)
     assert run.data.metrics["test_accuracy"] == pytest.approx(cls["test_accuracy"])
     assert run.data.metrics["mia_auc"] == pytest.approx(cls["mia_auc"])
+    assert run.data.metrics["test_ece_calibrated"] == pytest.approx(cls["test_ece_calibrated"])
+    assert run.data.metrics["temperature"] == 1.5
     artifacts = {a.path for a in client.list_artifacts(run_id, "evaluation")}
-    assert {"evaluation/confusion_matrix.png", "evaluation/metrics.json", "evaluation/membership_roc.png"} <= artifacts
+    assert {"evaluation/confusion_matrix.png", "evaluation/metrics.json", "evaluation/membership_roc.png",
+            "evaluation/reliability.png", "evaluation/explanations.png"} <= artifacts
     # Models without a known run get an evaluation run of their own, tagged like a training run.
     runs = mlflow.search_runs(experiment_names=["fedbrain-test"], filter_string="tags.training = 'federated'")
     assert len(runs) == 1 and runs["tags.privacy"].iloc[0] == "dp"
@@ -170,7 +187,7 @@ def test_discover_skips_per_round_checkpoints(tmp_path):
 
 
 def test_round_plot_draws_federated_rounds_against_the_centralized_kept_epoch(tmp_path):
-    from fedbrain.evaluate import _kept_epoch, plot_rounds
+    from fedbrain.plots import _kept_epoch, plot_rounds
 
     def result(run, training, history, accuracy):
         return {"info": {"run": run, "training": training, "task": "classification", "history": history},

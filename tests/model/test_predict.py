@@ -116,3 +116,46 @@ def test_a_segmenter_needs_no_card(tmp_path):
     image = _jpeg(tmp_path / "x.png")
     [result] = predict(PARAMS, model, [str(image)], out=tmp_path / "out")
     assert (tmp_path / "out" / "x_mask.png").is_file() and 0.0 <= result["tumour_fraction"] <= 1.0
+
+
+def test_explain_writes_a_gradcam_overlay_per_image_with_calibrated_probabilities(tmp_path):
+    from fedbrain.reliability import scale
+
+    network, classes = build_model("cnn", (32, 32, 1), 3), ["a", "b", "c"]
+    save_model(network, tmp_path / "plain.keras", {"task": "classification", "classes": classes})
+    save_model(network, tmp_path / "calibrated.keras",
+               {"task": "classification", "classes": classes, "temperature": 2.0})
+    images = [str(_jpeg(tmp_path / "x.jpg")), str(_jpeg(tmp_path / "y.png", size=(64, 64)))]
+    raw = predict(PARAMS, tmp_path / "plain.keras", images, out=tmp_path / "plain")
+    results = predict(PARAMS, tmp_path / "calibrated.keras", images, out=tmp_path / "out", explain=True)
+    for before, after, stem in zip(raw, results, ("x", "y")):
+        assert "temperature" not in before and after["temperature"] == 2.0
+        expected = scale([list(before["probabilities"].values())], 2.0)[0]
+        assert list(after["probabilities"].values()) == pytest.approx(expected, abs=1e-5)
+        assert after["prediction"] == before["prediction"]
+        assert after["explanation"] == str(tmp_path / "out" / f"{stem}_gradcam.png")
+        assert (tmp_path / "out" / f"{stem}_gradcam.png").read_bytes().startswith(b"\x89PNG")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["x_gradcam.png", "y_gradcam.png"]
+    assert not (tmp_path / "plain").exists()  # no --explain: nothing written for a classifier
+
+
+def test_explain_on_a_segmenter_says_why_and_still_writes_masks(tmp_path, capsys):
+    model = tmp_path / "segmenter.keras"
+    save_model(build_model("unet", (32, 32, 3), 2), model, {"task": "segmentation"})
+    [result] = predict(PARAMS, model, [str(_jpeg(tmp_path / "x.png"))], out=tmp_path / "out", explain=True)
+    err = capsys.readouterr().err
+    assert f"{model}: no Grad-CAM explanation" in err and "segmenter" in err and "class score" in err
+    assert "masks are written as usual" in err
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["x_mask.png"] and "explanation" not in result
+
+
+def test_explain_with_an_unreadable_image_names_it_and_writes_no_png(classifier, tmp_path):
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"\xff\xd8\xff not really a jpeg")
+    out = tmp_path / "out"
+    with pytest.raises(InputError, match="broken.jpg"):
+        predict(PARAMS, classifier, [str(_jpeg(tmp_path / "ok.jpg")), str(bad)], out=out, explain=True)
+    result = CliRunner().invoke(main, ["predict", "--params", str(_params_file(tmp_path)), "--model", str(classifier),
+                                       "--out", str(out), "--explain", str(_jpeg(tmp_path / "ok.jpg")), str(bad)])
+    assert result.exit_code == 1 and "broken.jpg" in result.output and "Traceback" not in result.output
+    assert not out.exists() or not list(out.rglob("*"))

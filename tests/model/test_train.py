@@ -153,6 +153,10 @@ def test_run_centralized_saves_models_and_one_mlflow_run_each(segmentation_data,
         tf.keras.models.load_model(out / f"{role}.keras", compile=False)
     assert set(json.loads((out / "history.json").read_text())) == {"classifier", "segmenter"}
     assert not list(out.glob(".*tmp*"))
+    # The classifier's temperature (fedbrain.reliability), fitted on the validation split; none for a segmenter.
+    assert 0.25 <= cards["classifier"]["temperature"] <= 8.0
+    assert cards["classifier"]["temperature_fitted_on"] == "validation split (4 images)"
+    assert "temperature" not in cards["segmenter"]
 
     mlflow.set_tracking_uri(tiny_params["mlflow"]["tracking_uri"])
     client = mlflow.MlflowClient()
@@ -166,6 +170,7 @@ def test_run_centralized_saves_models_and_one_mlflow_run_each(segmentation_data,
     assert {"train_loss", "train_dice", "val_loss", "learning_rate"} <= set(run.data.metrics)
     run = client.get_run(cards["classifier"]["run_id"])
     assert {"train_accuracy", "val_accuracy"} <= set(run.data.metrics)
+    assert run.data.metrics["temperature"] == pytest.approx(cards["classifier"]["temperature"])
     # Lineage: both models name the one training dataset they fit on, and their params' digest.
     digests = {client.get_run(card["run_id"]).inputs.dataset_inputs[0].dataset.digest for card in cards.values()}
     assert len(digests) == 1 and "fedbrain.params_digest" in run.data.tags

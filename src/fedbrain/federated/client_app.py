@@ -126,6 +126,12 @@ def _train_name(key: str) -> str:
     return f"local_{key}" if key.startswith("val_") else f"train_{key}"
 
 
+def _val_metrics(results: dict) -> dict:
+    """Named as the centralized run's validation metrics (val_loss, val_accuracy | val_dice); a list
+    (the NLL per temperature) stays a list."""
+    return {f"val_{key}": value if isinstance(value, list) else float(value) for key, value in results.items()}
+
+
 def _evaluate_previous(model, msg: Message, context: Context, settings: RunSettings, hospital: int) -> dict:
     """val_* of the previous global model, or {} when this hospital did not receive it (it joined
     or restarted since): the server then averages the other hospitals' figures."""
@@ -139,9 +145,8 @@ def _evaluate_previous(model, msg: Message, context: Context, settings: RunSetti
     model.set_weights(weights)
     if PREVIOUS_STATISTICS in msg.content.array_records:  # none for a model without BatchNormalization
         set_batch_norm_statistics(model, msg.content[PREVIOUS_STATISTICS].to_numpy_ndarrays())
-    results, examples = evaluate_locally(model, settings, hospital)
-    # Named as the centralized run's validation metrics (val_loss, val_accuracy | val_dice).
-    return {**{f"val_{key}": float(value) for key, value in results.items()}, VAL_WEIGHT_KEY: examples,
+    results, examples = evaluate_locally(model, settings, hospital, temperatures=bool(config.get("temperatures")))
+    return {**_val_metrics(results), VAL_WEIGHT_KEY: examples,
             "evaluation-time-s": time.perf_counter() - start}
 
 
@@ -272,9 +277,10 @@ def evaluate(msg: Message, context: Context) -> Message:
     start = time.perf_counter()
     model = _model(settings, context.run_id, hospital=hospital)
     model.set_weights(weights_of(msg.content["arrays"], model))
-    results, examples = evaluate_locally(model, settings, hospital)
+    config = msg.content.config_records.get("config", {})
+    results, examples = evaluate_locally(model, settings, hospital, temperatures=bool(config.get("temperatures")))
     # The server averages them weighted by examples into the global validation score.
-    metrics = {f"val_{key}": float(value) for key, value in results.items()}
+    metrics = _val_metrics(results)
     metrics.update({WEIGHT_KEY: examples, VAL_WEIGHT_KEY: examples, "hospital": hospital,
                     "evaluation-time-s": time.perf_counter() - start})
     return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)

@@ -70,6 +70,23 @@ class Evaluation:
     round: int
     metrics: dict = field(default_factory=dict)
     hospitals: dict = field(default_factory=dict)
+    # The pooled mean validation NLL per reliability.TEMPERATURES, when the evaluation asked for it
+    nll_by_temperature: list | None = None
+
+
+def fitted_temperature(evaluation: Evaluation) -> dict:
+    """The model card's temperature (fedbrain.reliability) from an evaluation's pooled validation NLL;
+    {} when it cannot be fitted (no validation images)."""
+    from fedbrain.reliability import choose_temperature
+
+    images = sum(int(h.get("val_examples", 0)) for h in evaluation.hospitals.values())
+    try:
+        temperature = choose_temperature(evaluation.nll_by_temperature)
+    except ValueError:
+        return {}
+    return {"temperature": temperature,
+            "temperature_fitted_on": f"validation split ({images} images at {len(evaluation.hospitals)} hospitals, "
+                                     f"their NLL pooled by the server)"}
 
 
 def merge_evaluation(target: dict, evaluation: Evaluation) -> None:

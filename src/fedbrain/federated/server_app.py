@@ -58,11 +58,11 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedbrain.federated.encrypted import EncryptedAggregation, EncryptionSettings
 from fedbrain.federated.records import (Checkpoints, Evaluation, RoundRecord, Tracking, atomic_write_text,
-                                       history_of, merge_evaluation)
+                                       fitted_temperature, history_of, merge_evaluation)
 from fedbrain.federated.phases import is_phase
 from fedbrain.federated.settings import update_rules
 from fedbrain.federated.strategy import HospitalFedAvg, content_bytes
-from fedbrain.federated.task import (PREVIOUS_STATISTICS, VAL_WEIGHT_KEY, WEIGHT_KEY, RunSettings,
+from fedbrain.federated.task import (PREVIOUS_STATISTICS, TEMPERATURE_NLL, VAL_WEIGHT_KEY, WEIGHT_KEY, RunSettings,
                                     batch_norm_layers, build, lr_scale, set_batch_norm_statistics,
                                     weights_of, weights_record)
 from fedbrain.federated.validation import RejectionLog, average_encrypted, record_rejections, stop_reason
@@ -163,7 +163,7 @@ def _add_times(hospital: dict, report: dict) -> None:
 
 
 def _metric_values(report: dict, prefixes: tuple[str, ...]) -> dict[str, float]:
-    return {name: float(v) for name, v in report.items() if name.startswith(prefixes)}
+    return {name: float(v) for name, v in report.items() if name.startswith(prefixes) and not isinstance(v, list)}
 
 
 def pool_batch_norm_statistics(replies: list[tuple[int, list]]) -> list:
@@ -277,19 +277,21 @@ def hospital_round(grid: Grid, strategy: HospitalFedAvg, settings: RunSettings, 
 
 def evaluate_global_model(grid: Grid, strategy: HospitalFedAvg, settings: RunSettings, record: dict,
                           known: dict[int, int], *, arrays: ArrayRecord | None = None,
-                          statistics: list | None = None, while_waiting: Callable[[], None] | None = None
-                          ) -> Evaluation:
+                          statistics: list | None = None, while_waiting: Callable[[], None] | None = None,
+                          temperatures: bool = False) -> Evaluation:
     """A global model on every hospital's validation split, with its own exchange: a saved one
     (`arrays`: weights and statistics), or the one whose weights the hospitals kept from the last
     message (its pooled `statistics` only: the weights need not travel again). `while_waiting`:
-    as in `exchange`."""
+    as in `exchange`. `temperatures`: the hospitals also send their NLL per candidate temperature
+    (the run's last model: GlobalModels fits its temperature from the pooled NLL)."""
     online = wait_for_nodes(grid, max(settings.min_available_nodes, settings.min_evaluate_nodes),
                             settings.node_wait_timeout)
     start = time.perf_counter()
+    config = {"temperatures": True} if temperatures and settings.task == "classification" else {}
     if arrays is not None:
-        messages = list(strategy.configure_evaluate(record["round"], arrays, ConfigRecord(), grid))
+        messages = list(strategy.configure_evaluate(record["round"], arrays, ConfigRecord(config), grid))
     else:
-        content = RecordDict({"config": ConfigRecord({"previous-round": record["round"]}),
+        content = RecordDict({"config": ConfigRecord({"previous-round": record["round"], **config}),
                               PREVIOUS_STATISTICS: ArrayRecord(statistics)})
         messages = [Message(content=content, message_type=EVALUATE_KEPT, dst_node_id=node) for node in online]
     record["bytes_down"] += sum(content_bytes(m) for m in messages)
@@ -297,7 +299,9 @@ def evaluate_global_model(grid: Grid, strategy: HospitalFedAvg, settings: RunSet
     averaged = strategy.aggregate_evaluate(record["round"], replies)
     record["bytes_up"] += strategy.phase.bytes_up
     record["failures"] += _failures(strategy, unanswered, known, settings, record["round"])
-    evaluation = Evaluation(record["round"], {k: float(v) for k, v in (averaged or {}).items()})
+    averaged = dict(averaged or {})
+    nll = averaged.pop(f"val_{TEMPERATURE_NLL}", None)
+    evaluation = Evaluation(record["round"], {k: float(v) for k, v in averaged.items()}, nll_by_temperature=nll)
     for k, report in _reports_by_hospital(strategy, known).items():
         evaluation.hospitals[k] = {"val_examples": int(report.get(VAL_WEIGHT_KEY, 0)),
                                    **_metric_values(report, ("val_",))}
@@ -316,6 +320,7 @@ class GlobalModels:
         self.settings, self.model, self.checkpoints, self.tracking, self.state = (
             settings, model, checkpoints, tracking, state)
         self.last_round = settings.rounds  # earlier when the privacy budget ends the run
+        self.temperature: dict = {}  # the last model's, for its card (fitted_temperature)
 
     def record_of(self, server_round: int) -> dict:
         return self.state["rounds"][server_round - 1] if server_round >= 1 else self.state["initial"]
@@ -323,6 +328,9 @@ class GlobalModels:
     def evaluated(self, evaluation: Evaluation | None) -> None:
         if evaluation is None:
             return
+        if evaluation.nll_by_temperature and (fitted := fitted_temperature(evaluation)):
+            self.temperature = fitted
+            self.tracking.log({"temperature": fitted["temperature"]}, evaluation.round)
         merge_evaluation(self.record_of(evaluation.round), evaluation)
         if evaluation.round >= 1:
             self.tracking.log(RoundRecord(**self.record_of(evaluation.round)).val_metrics(), evaluation.round)
@@ -487,7 +495,8 @@ def main(grid: Grid, context: Context) -> None:
             save_last = functools.partial(global_models.save, global_models.last_round, log_round=False)
             if pooled is not None:
                 global_models.evaluated(evaluate_global_model(grid, strategy, settings, state["rounds"][-1], known,
-                                                              statistics=pooled, while_waiting=save_last))
+                                                              statistics=pooled, while_waiting=save_last,
+                                                              temperatures=True))
             else:
                 save_last()
         # Any global model still without val_* (one whose evaluation a resume lost, or the last if
@@ -495,8 +504,9 @@ def main(grid: Grid, context: Context) -> None:
         for record in state["rounds"]:
             if not _has_val(record):
                 saved = tf.keras.models.load_model(checkpoints.model_path(record["round"]), compile=False)
-                global_models.evaluated(evaluate_global_model(grid, strategy, settings, record, known,
-                                                              arrays=weights_record(saved.get_weights())))
+                global_models.evaluated(evaluate_global_model(
+                    grid, strategy, settings, record, known, arrays=weights_record(saved.get_weights()),
+                    temperatures=record["round"] == global_models.last_round))
         if last_unevaluated:
             tracking.log(RoundRecord(**state["rounds"][-1]).round_metrics(), global_models.last_round)
         checkpoints.save_state(state)
@@ -514,6 +524,7 @@ def main(grid: Grid, context: Context) -> None:
             "rounds": global_models.last_round, "rounds_planned": settings.rounds,
             "local_epochs": settings.local_epochs, "history": history,
             "initial": state["initial"], "round_records": state["rounds"], "failures": failures,
+            **global_models.temperature,
             "rejections": [r for record in state["rounds"] for r in record.get("rejections", [])]}
     if "stopped" in state:
         card["stopped_by_validation"] = state["stopped"]

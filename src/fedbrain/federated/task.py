@@ -33,6 +33,9 @@ STATISTICS = "statistics"
 PREVIOUS_STATISTICS = "previous-statistics"
 # BatchNormalization statistics are pooled weighted by the training images they stand for.
 CALIBRATION_WEIGHT_KEY = "calibration-images"
+# A classifier's last evaluation: its mean validation NLL per candidate temperature (a list, reply key
+# val_<this>), which the server pools to fit the model's temperature (fedbrain.reliability).
+TEMPERATURE_NLL = "nll_by_temperature"
 META_KEYS = (WEIGHT_KEY, VAL_WEIGHT_KEY, CALIBRATION_WEIGHT_KEY, "hospital", "train-time-s", "epochs-run",
              "calibration-time-s", "evaluation-time-s", "encryption-time-s", "decryption-time-s", "ciphertexts",
              "steady-epoch-s",
@@ -199,8 +202,10 @@ def train_locally(model, settings: RunSettings, hospital: int, server_round: int
     return history, time.perf_counter() - start, len(train)
 
 
-def evaluate_locally(model, settings: RunSettings, hospital: int) -> tuple[dict, int]:
-    """The global model on this hospital's validation split: ({loss, accuracy|dice}, examples)."""
+def evaluate_locally(model, settings: RunSettings, hospital: int, temperatures: bool = False) -> tuple[dict, int]:
+    """The global model on this hospital's validation split: ({loss, accuracy|dice}, examples).
+    `temperatures` (a classifier's last global model): also its mean NLL at each of
+    reliability.TEMPERATURES under TEMPERATURE_NLL, from which the server fits the model's temperature."""
     from fedbrain.train import make_dataset
 
     val = hospital_data(settings, hospital, "val")
@@ -209,7 +214,15 @@ def evaluate_locally(model, settings: RunSettings, hospital: int) -> tuple[dict,
     num_classes = int(model.output_shape[-1]) if settings.task == "classification" else 1
     batch_size = int(settings.train_params.get("batch_size", 32))
     dataset = make_dataset(val, settings.task, num_classes, batch_size, settings.seed, training=False)
-    return model.evaluate(dataset, verbose=0, return_dict=True), len(val)
+    results = model.evaluate(dataset, verbose=0, return_dict=True)
+    if temperatures and settings.task == "classification":
+        from fedbrain.reliability import nll_by_temperature
+
+        proba = model.predict(dataset, verbose=0)
+        # A mean, not a sum: the server averages replies weighted by validation examples (Flower's
+        # aggregate_metricrecords), which makes the means the pooled split's mean NLL.
+        results[TEMPERATURE_NLL] = (nll_by_temperature(proba, val.labels) / len(val)).tolist()
+    return results, len(val)
 
 
 def batch_norm_layers(model) -> list:

@@ -305,23 +305,37 @@ def test_supernode_whose_port_was_taken_meanwhile_starts_again_on_another(tmp_pa
 
 
 @pytest.mark.parametrize("crash", ["supernode", "clientapp"])
-def test_crashed_supernode_does_not_stop_the_run_and_a_late_one_joins(tmp_path, tiny_model, crash):
+def test_crashed_supernode_does_not_stop_the_run_and_a_late_one_joins(tmp_path, tiny_model, crash, monkeypatch):
     """Kill one of 3 SuperNodes while it trains in round 2 of 4 (or only its ClientApp process:
-    the launcher then stops its SuperNode); start a 4th during round 2."""
+    the launcher then stops its SuperNode); start a 4th during round 2. Hospital 1's ClientApp is held
+    inside its first training step of round 2 (tiny_model's barrier), so the kill lands while it trains,
+    however loaded the machine."""
+    import math
+
+    from tiny_model import HOLD_DIR
+
+    holds = tmp_path / "holds"
+    holds.mkdir()
+    monkeypatch.setenv(HOLD_DIR, str(holds))
     processed, partition = make_federated_data(tmp_path / "data", hospitals=4)
     out = tmp_path / "models" / "federated" / "fedavg"
     params = launcher.tracking_params(tiny_params(tmp_path, rounds=4, model=TINY_SLOW))
     settings, roles, _ = launcher.prepare(params, processed, partition, out, resume=False)
     config = launcher.run_config(settings, params, "classifier", processed, partition, out, resume=False,
                                  secure=True)
+    # Round 1's training steps: 12 images per hospital in batches of batch_size, local_epochs times.
+    round_1_steps = math.ceil(12 / params["train"]["classifier"]["batch_size"]) * settings.local_epochs
     lines = []
     with Federation(tmp_path / "run", ensure_pki(tmp_path / "pki"), echo=lines.append) as federation:
         federation.start_superlink()
         federation.start_supernodes([0, 1, 2])
+        pid = federation.clientapps["hospital_1"].proc.pid
+        (holds / f"{pid}.hold").write_text(str(round_1_steps))
         handle = federation.submit(config)
         crashing = federation.supernodes["hospital_1"]
-        wait_until(lambda: crashing.log_path.read_text().count("Received: train message") >= 2, timeout=240,
-                   what="hospital 1 to receive its round-2 update request")
+        wait_until(lambda: (holds / f"{pid}.holding").is_file(), timeout=240,
+                   what="hospital 1 to train in round 2")
+        assert crashing.log_path.read_text().count("Received: train message") == 2
         if crash == "supernode":
             federation.kill_supernode("hospital_1")   # SIGKILL: a crash, no goodbye to the SuperLink
         else:

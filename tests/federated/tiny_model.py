@@ -4,11 +4,13 @@ Named in a test's params as ``model: "tiny_model:build"``; the tests put this fo
 PYTHONPATH of the SuperLink and SuperNodes they start, as a user would install their own model.
 ``build`` has a BatchNormalization layer (so runs exercise the statistics calibration, one more
 message per round); ``build_plain`` has none (no calibration phase: faster); ``build_slow`` is ``build_plain``
-with slow training steps (the crash test kills a hospital while it trains); ``build_segmenter`` maps an image to
+with slow training steps that a test can hold (the crash test kills a hospital while it trains); ``build_segmenter`` maps an image to
 a tumour mask.
 """
 
+import os
 import time
+from pathlib import Path
 
 import numpy as np
 import tensorflow as tf
@@ -53,15 +55,35 @@ def build_group(input_shape, num_classes):
 SLOW_STEP_S = 1.5
 
 
+# The crash test's barrier, so that its kill provably lands while a hospital trains: when the folder
+# $TINY_MODEL_HOLD_DIR holds `<pid>.hold` (text: a number of steps N), the process with that pid stops
+# inside its first training step after N, writes `<pid>.holding` and waits there until the hold file
+# goes (or the process is killed). Other processes train on.
+HOLD_DIR = "TINY_MODEL_HOLD_DIR"
+_steps = 0
+
+
+def _training_step() -> np.float32:
+    global _steps
+    _steps += 1
+    if folder := os.environ.get(HOLD_DIR):
+        hold = Path(folder) / f"{os.getpid()}.hold"
+        if hold.is_file() and _steps > int(hold.read_text()):
+            (Path(folder) / f"{os.getpid()}.holding").write_text(str(_steps))
+            while hold.is_file():
+                time.sleep(0.05)
+    time.sleep(SLOW_STEP_S)
+    return np.float32(0.0)
+
+
 @tf.keras.utils.register_keras_serializable(package="tiny_model")
 class SlowTrainingStep(tf.keras.layers.Layer):
-    """The identity, but each training step waits SLOW_STEP_S (inference does not)."""
+    """The identity, but each training step waits SLOW_STEP_S, or at a hold (above); inference does not."""
 
     def call(self, x, training=None):
         if not training:
             return x
-        pause = tf.numpy_function(lambda: np.float32(time.sleep(SLOW_STEP_S) or 0.0), [], tf.float32)
-        return x + pause
+        return x + tf.numpy_function(_training_step, [], tf.float32)
 
 
 def build_slow(input_shape, num_classes):

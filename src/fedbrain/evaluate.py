@@ -10,9 +10,11 @@ Writes, under ``out`` (``reports/``):
   headline/<run>.json the headline figures of each run (``HEADLINE``, and epsilon for a DP run): the DVC
                       metrics, one row per run in ``dvc metrics show``
   metrics.json        every scalar test metric per run (what each run's MLflow record holds)
-  evaluation.json     the details: per-class scores, confusion matrices, per-patient Dice/HD95
+  evaluation.json     the details: per-class scores, confusion matrices, per-patient Dice/HD95 (also at the
+                      images' native resolution, and per site: fedbrain.segmentation_scores)
   comparison.csv/.md  one row per model/run: centralized and every federated variant side by side
-  plots/<run>/*.png   confusion matrix, ROC curves, training curves, segmentation overlays (fedbrain.plots),
+  plots/<run>/*.png   confusion matrix, ROC curves, training curves, segmentation overlays, Dice per site
+                      (fedbrain.plots),
                       a classifier's reliability diagram and Grad-CAM gallery (fedbrain.reliability,
                       fedbrain.explain): DVC plots
   plots/membership_roc.png  the membership-inference audit of every classifier (fedbrain.privacy.audit)
@@ -41,13 +43,15 @@ import numpy as np
 import pandas as pd
 
 from fedbrain import explain, reliability
+from fedbrain import segmentation_scores as scores
 from fedbrain.config import get
 from fedbrain.curves import write_curves
 from fedbrain.dataset import Split, load_classes, load_split
 from fedbrain.errors import InputError
-from fedbrain.plots import (plot_confusion_matrix, plot_history, plot_membership_roc, plot_overlays,
-                            plot_privacy_utility, plot_roc, plot_rounds)
+from fedbrain.plots import (plot_confusion_matrix, plot_dice_by_site, plot_history, plot_membership_roc,
+                            plot_overlays, plot_privacy_utility, plot_roc, plot_rounds)
 from fedbrain.privacy import audit as membership_audit
+from fedbrain.segmentation_scores import dice_hd95  # noqa: F401  (evaluate's public name)
 
 # mia_*: the membership-inference audit; mia_auc and the TPRs are the stronger attack's (the larger).
 MIA_COLUMNS = ["mia_status", "mia_auc", "mia_loss_auc", "mia_tpr_at_1pct_fpr", "mia_tpr_at_0_1pct_fpr",
@@ -55,11 +59,12 @@ MIA_COLUMNS = ["mia_status", "mia_auc", "mia_loss_auc", "mia_tpr_at_1pct_fpr", "
 # reports/headline/<run>.json, the DVC metrics: `dvc metrics show` makes one column per name (a row
 # per run), so the table stays this wide however many runs there are. The rest is in metrics.json.
 HEADLINE = {"classification": ("test_accuracy", "test_macro_f1", "test_roc_auc", "test_ece_calibrated", "mia_auc"),
-            "segmentation": ("test_dice", "test_dice_tumour_slices", "test_hd95")}
+            "segmentation": ("test_dice", "test_dice_tumour_slices", "test_hd95", "test_dice_native_mean")}
 HEADLINE_PRIVACY = ("epsilon",)
 RELIABILITY_COLUMNS = ["ece", "ece_calibrated", "brier", "brier_calibrated", "temperature", "temperature_source"]
 COMPARISON_COLUMNS = ["run", "training", "model", "task", "privacy", "epsilon", "delta", "aggregation", "accuracy",
-                      "macro_f1", "roc_auc", *RELIABILITY_COLUMNS, "dice", "hd95", "dice_tumour_slices", "test_images",
+                      "macro_f1", "roc_auc", *RELIABILITY_COLUMNS, "dice", "hd95", "dice_tumour_slices",
+                      *scores.COMPARISON_COLUMNS, "test_images",
                       "train_time_s", "round_time_s", "mb_per_round", *MIA_COLUMNS, "run_id"]
 IN_EVALUATE = "fitted on validation split in evaluate"
 
@@ -108,23 +113,6 @@ def classification_metrics(y_true: np.ndarray, proba: np.ndarray, classes: list[
 
 # --------------------------------------------------------------------------- segmentation
 
-def dice_hd95(truth: np.ndarray, prediction: np.ndarray) -> tuple[float, float | None]:
-    """MedPy Dice and HD95 (pixels) of two binary arrays, with the empty cases made explicit.
-
-    Both empty: a perfect answer (Dice 1, HD95 0). One empty: Dice 0 and HD95 undefined (None),
-    since there is no surface to measure a distance to; MedPy would raise or return 0 there.
-    """
-    from medpy.metric.binary import dc, hd95
-
-    truth, prediction = truth.astype(bool), prediction.astype(bool)
-    has_truth, has_prediction = truth.any(), prediction.any()
-    if not has_truth and not has_prediction:
-        return 1.0, 0.0
-    if not has_truth or not has_prediction:
-        return 0.0, None
-    return float(dc(prediction, truth)), float(hd95(prediction, truth))
-
-
 def _mean(values) -> float | None:
     values = [v for v in values if v is not None]
     return float(np.mean(values)) if values else None
@@ -140,15 +128,12 @@ def segmentation_metrics(masks: np.ndarray, proba: np.ndarray, patient_ids: list
     """
     truth = np.asarray(masks)[..., 0] > 0
     prediction = np.asarray(proba)[..., 0] > threshold
-    groups = [p if p is not None and not (isinstance(p, float) and math.isnan(p)) else i
-              for p, i in zip(patient_ids, image_ids)]
     per_patient = {}
-    for patient in dict.fromkeys(groups):  # first-seen order
-        rows = [i for i, g in enumerate(groups) if g == patient]
-        # (slices, H, W) volume: HD95 measures distances across neighbouring slices too.
+    for patient, rows in scores.patients(patient_ids, image_ids).items():
+        # (slices, H, W) volume in slice order: HD95 measures distances across neighbouring slices too.
         dice, hd = dice_hd95(truth[rows], prediction[rows])
-        per_patient[str(patient)] = {"dice": dice, "hd95": hd, "slices": len(rows),
-                                     "tumour_slices": int(truth[rows].any(axis=(1, 2)).sum())}
+        per_patient[patient] = {"dice": dice, "hd95": hd, "slices": len(rows),
+                                "tumour_slices": int(truth[rows].any(axis=(1, 2)).sum())}
     tumour = [i for i in range(len(truth)) if truth[i].any()]
     slice_scores = [dice_hd95(truth[i], prediction[i]) for i in tumour]
     return {
@@ -265,8 +250,10 @@ def _without_curves(audit: dict) -> dict:
 
 def run_scalars(info: dict, metrics: dict, audit: dict) -> dict:
     """A run's metrics.json entry (and its MLflow metrics): every defined scalar test metric as
-    ``test_<name>``, epsilon and delta for a DP run, a classifier's temperature, the audit's ``mia_*``."""
-    flat = {f"test_{k}": v for k, v in metrics.items() if isinstance(v, (int, float)) or v is None}
+    ``test_<name>``, a segmenter's per-site figures as ``test_site_<CODE>/<name>``, epsilon and delta for a
+    DP run, a classifier's temperature, the audit's ``mia_*``."""
+    flat = {f"test_{k}": v for k, v in {**metrics, **scores.site_scalars(metrics)}.items()
+            if isinstance(v, (int, float)) or v is None}
     if info["epsilon"] is not None:
         flat.update(epsilon=info["epsilon"], delta=info["delta"])
     flat["temperature"] = info.get("temperature")
@@ -298,7 +285,7 @@ def _write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def comparison_markdown(table: pd.DataFrame) -> str:
+def comparison_markdown(table: pd.DataFrame, sites: str = "") -> str:
     def cell(value):
         if value is None or (isinstance(value, float) and math.isnan(value)):
             return ""
@@ -310,13 +297,16 @@ def comparison_markdown(table: pd.DataFrame) -> str:
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(cell(row[c]) for c in columns) + " |" for _, row in table.iterrows()]
     return ("# Test-set comparison\n\nEvery model on the same held-out test split "
-            "(`fedbrain evaluate`). HD95 in pixels of the preprocessed images. `ece`: expected calibration "
-            "error (15 equal-width confidence bins; 0 = a probability p is right a share p of the time), "
+            "(`fedbrain evaluate`). `dice`, `hd95`: per patient at the preprocessed size (HD95 in its pixels); "
+            "`*_native_*`: per patient at the images' own resolution (`dice_native_source`), "
+            "`_postprocessed`: after `segmentation_scores.postprocess` (a separate score, never applied to the "
+            "others); `false_positive_volume_px`: predicted pixels on test slices without tumour. `ece`: "
+            "expected calibration error (15 equal-width confidence bins; 0 = a probability p is right a share p of the time), "
             "`brier`: Brier score; `_calibrated`: after dividing the logits by `temperature`, fitted on "
             "the validation split (`temperature_source`). `mia_*`: membership "
             "inference, train images against as many test images (AUC 0.5 = no measurable leak, "
             "which is no proof of privacy); `mia_exceeds_dp_bound`: an attack's TPR beat what the "
-            "model's (epsilon, delta) allows.\n\n" + "\n".join(lines) + "\n")
+            "model's (epsilon, delta) allows.\n\n" + "\n".join(lines) + "\n" + sites)
 
 
 def audit_classifier(model, membership, test_proba: np.ndarray, test: Split, info: dict, settings: dict) -> dict:
@@ -341,10 +331,11 @@ def _temperature(model, val: Split | None, batch_size: int) -> dict:
 
 def evaluate_model(path: Path, models: Path, test: Split, classes: list[str], settings: dict, plots: Path,
                    membership: membership_audit.MembershipSample | dict | None = None,
-                   val: Split | None = None) -> dict:
+                   val: Split | None = None, reference: scores.Reference | None = None) -> dict:
     """One model's test metrics and plots; with ``membership`` (a sample, or why there is none) also
     its membership audit (``result["audit"]``, classifiers only). ``val``: the validation split, to fit
-    a classifier's temperature when its card has none."""
+    a classifier's temperature when its card has none. ``reference``: the test split's original masks
+    and sites (`segmentation_scores.load_reference`); without it a segmenter is scored on the processed ones."""
     import tensorflow as tf
 
     from fedbrain.train import load_card
@@ -388,6 +379,10 @@ def evaluate_model(path: Path, models: Path, test: Split, classes: list[str], se
         if test.masks is None:
             raise InputError(f"{path}: is a segmenter but the test split has no masks (classes.json has_masks false)")
         metrics = segmentation_metrics(test.masks, proba, test.patient_ids, test.image_ids, settings["threshold"])
+        metrics.update(scores.score(reference or scores.processed_reference(test, None, "no original masks given"),
+                                    proba, test.patient_ids, test.image_ids, settings["threshold"],
+                                    settings.get("postprocess_min_pixels")))
+        artifacts.append(plot_dice_by_site(metrics, title, run_plots / "dice_by_site.png"))
         artifacts.append(plot_overlays(test, proba, settings["threshold"], settings["overlays"], title,
                                        run_plots / "overlays.png"))
     if info["history"]:
@@ -402,7 +397,9 @@ def run(params: dict, processed: Path, partition: Path, models: Path, out: Path)
                 "overlays": get(sec, "overlays", int, "evaluate", default=6),
                 "batch_size": get(sec, "batch_size", int, "evaluate", default=64),
                 "log_mlflow": get(sec, "log_mlflow", bool, "evaluate", default=True),
-                "register": get(sec, "register", bool, "evaluate", default=True)}
+                "register": get(sec, "register", bool, "evaluate", default=True),
+                "postprocess_min_pixels": get(sec, "postprocess_min_pixels", (int, type(None)), "evaluate",
+                                              default=None)}
     audit_sec = sec.get("audit") or {}
     if not isinstance(audit_sec, dict):
         raise InputError("params.yaml: 'evaluate.audit' must be a mapping (members, seed)")
@@ -421,7 +418,9 @@ def run(params: dict, processed: Path, partition: Path, models: Path, out: Path)
     audit_seconds = time.perf_counter() - audit_seconds
     paths = discover(models)
     val = load_split(processed, partition, "val")  # for temperatures no card holds
-    results = [evaluate_model(path, models, test, classes, settings, out / "plots", membership, val) for path in paths]
+    reference = None if test.masks is None else scores.load_reference(processed, test)  # read once for all models
+    results = [evaluate_model(path, models, test, classes, settings, out / "plots", membership, val, reference)
+               for path in paths]
 
     scalars, details, rows = {}, {}, []
     for result in results:
@@ -435,7 +434,8 @@ def run(params: dict, processed: Path, partition: Path, models: Path, out: Path)
                      "accuracy": metrics.get("accuracy"), "macro_f1": metrics.get("macro_f1"),
                      "roc_auc": metrics.get("roc_auc"), **{c: metrics.get(c, info.get(c)) for c in RELIABILITY_COLUMNS},
                      "dice": metrics.get("dice"), "hd95": metrics.get("hd95"),
-                     "dice_tumour_slices": metrics.get("dice_tumour_slices"), "test_images": len(test),
+                     "dice_tumour_slices": metrics.get("dice_tumour_slices"), **scores.comparison_cells(metrics),
+                     "test_images": len(test),
                      "train_time_s": info["train_time_s"], "round_time_s": info["round_time_s"],
                      "mb_per_round": info["mb_per_round"], **_mia_cells(audit), "run_id": info["run_id"]})
     for task in ("classification", "segmentation"):
@@ -460,7 +460,8 @@ def run(params: dict, processed: Path, partition: Path, models: Path, out: Path)
     write_headlines(out / "headline", {r["info"]["run"]: headline(r["info"]["task"], scalars[r["info"]["run"]])
                                        for r in results})
     _write_text(out / "evaluation.json", json.dumps(_clean(details), indent=2) + "\n")
-    _write_text(out / "comparison.md", comparison_markdown(table))
+    markdown = comparison_markdown(table, scores.sites_markdown(results))
+    _write_text(out / "comparison.md", markdown)
     tmp = out / ".comparison.csv.tmp"
     table.to_csv(tmp, index=False)
     os.replace(tmp, out / "comparison.csv")
@@ -481,7 +482,9 @@ def run(params: dict, processed: Path, partition: Path, models: Path, out: Path)
 
             registry.register(params, evaluated)
     print(f"evaluate: {len(results)} model(s) on {len(test)} test images -> {out / 'comparison.md'}")
-    print(comparison_markdown(table).split("\n\n", 2)[-1])
+    print(markdown.split("\n\n", 2)[-1])
+    if reference is not None:
+        print(f"segmentation scored per patient at {reference.source}")
     for result in results:
         info = result["info"]
         if info["task"] == "classification":

@@ -19,6 +19,9 @@ Steps (each a pure function over the index DataFrame, so tests need no image arr
    dirichlet the same seed, so the per-label proportions drawn are the same unless flwr had to
    redraw the train part), so each hospital validates on data like its own.
 
+`leave_site_out` builds another partition of the same shape for benchmarks: one institution's
+patients all test, the others' train/val across hospitals by site (bench/segmenter_sites.py).
+
 Output contract: see `fedbrain.dataset` (`load_split` reads what `write_partition` writes).
 """
 
@@ -301,6 +304,14 @@ def partition_index(index: pd.DataFrame, classes: list[str], settings: Partition
                     ) -> tuple[pd.DataFrame, dict]:
     """The whole stage on a DataFrame: (split table with split/hospital per kept row, report)."""
     settings.check()
+    _check_index(index, classes)
+    kept, duplicates, conflicts = drop_duplicates(index)
+    kept["split"] = split_groups(kept, settings)
+    kept["hospital"], sites = assign_hospitals(kept, kept["split"], settings)
+    return checked_report(index, kept, classes, settings, sites, duplicates, conflicts)
+
+
+def _check_index(index: pd.DataFrame, classes: list[str]) -> None:
     missing = [c for c in REQUIRED if c not in index.columns]
     if missing:
         raise InputError(f"index is missing columns {', '.join(missing)}; re-run the preprocess stage")
@@ -308,10 +319,12 @@ def partition_index(index: pd.DataFrame, classes: list[str], settings: Partition
     if len(bad):
         raise InputError(f"image {bad['image_id'].iloc[0]}: label_index {bad['label_index'].iloc[0]} is not one of "
                          f"the {len(classes)} classes in classes.json; re-run the preprocess stage")
-    kept, duplicates, conflicts = drop_duplicates(index)
-    kept["split"] = split_groups(kept, settings)
-    kept["hospital"], sites = assign_hospitals(kept, kept["split"], settings)
 
+
+def checked_report(index: pd.DataFrame, kept: pd.DataFrame, classes: list[str], settings: PartitionSettings,
+                   sites: dict[int, list[str]], duplicates: int, conflicts: int) -> tuple[pd.DataFrame, dict]:
+    """The split table and report of ``kept`` (split and hospital set), after checking that no
+    patient or pixel-identical image is in two splits or two hospitals."""
     groups = group_ids(kept)
     spread = groups.groupby(kept["split"].to_numpy()).unique()
     seen: set[str] = set()
@@ -434,3 +447,55 @@ def run(params: dict, processed: Path, out: Path) -> dict:
           f"{report['label_conflicts_dropped']} label conflicts dropped; train {n['train']} / val {n['val']} / "
           f"test {n['test']}; {settings.hospitals} hospitals ({settings.scheme}) -> {out}")
     return report
+
+
+# --- leave one institution out -------------------------------------------------------------------
+
+def leave_site_out(index: pd.DataFrame, classes: list[str], site: str, seed: int = 42,
+                   val_fraction: float = 0.15) -> tuple[pd.DataFrame, dict]:
+    """A partition that tests on an institution no model has seen (same table and report as
+    `partition_index`, so `write_partition` and every trainer read it unchanged).
+
+    Every patient of ``site`` is test. The other institutions' patients are split train/val by
+    patient (seeded, stratified by site x label as `split_groups` does), and each institution with
+    two or more patients is a hospital; a single-patient one (TCGA-LGG's EZ) cannot hold both a
+    train and a val part alone and joins the smallest hospital (the site scheme's bin packing).
+    """
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    _check_index(index, classes)
+    if index["site"].isna().any():
+        first = index.loc[index["site"].isna(), "image_id"].iloc[0]
+        raise InputError(f"leaving an institution out needs a site for every image; {int(index['site'].isna().sum())} "
+                         f"have none (first: {first})")
+    patients = group_ids(index).groupby(index["site"].astype(str).to_numpy()).nunique()
+    if site not in patients.index:
+        known = ", ".join(f"{s} ({n} patients)" for s, n in patients.sort_index().items())
+        raise InputError(f"site {site!r} is not in the data; known sites: {known}")
+    kept, duplicates, conflicts = drop_duplicates(index)
+    held_out = kept["site"].astype(str) == site
+    rest = kept[~held_out]
+    groups = group_ids(rest).to_numpy()
+    n_folds = min(FOLDS, len(set(groups)))
+    n_val = max(1, round(val_fraction * n_folds))
+    if n_val >= n_folds:
+        raise InputError(f"only {n_folds} patients outside site {site}: too few to both train and validate on")
+    split = pd.Series("test", index=kept.index, name="split", dtype=object)
+    rest_split = np.full(len(rest), "train", dtype=object)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The least populated class", category=UserWarning)
+        folds = StratifiedGroupKFold(n_folds, shuffle=True, random_state=seed)
+        for k, (_, fold) in enumerate(folds.split(np.zeros(len(rest)), stratification_labels(rest), groups)):
+            if k < n_val:
+                rest_split[fold] = "val"
+    split[~held_out] = rest_split
+    training_sites = patients.drop(site)
+    settings = PartitionSettings(seed=seed, val_fraction=val_fraction, test_fraction=float(held_out.mean()),
+                                 hospitals=max(1, int((training_sites >= 2).sum())), scheme="site")
+    hospital = pd.Series(TEST_HOSPITAL, index=kept.index, name="hospital", dtype="int64")
+    hospital[~held_out], sites = assign_hospitals(rest, split[~held_out], settings)
+    kept["split"], kept["hospital"] = split, hospital
+    table, report = checked_report(index, kept, classes, settings, sites, duplicates, conflicts)
+    report["left_out_site"] = site
+    report["stratified_by"] = f"site x label among the other sites; all of {site} is test"
+    return table, report

@@ -1,5 +1,5 @@
-"""evaluate's figures: confusion matrix, ROC, training curves, segmentation overlays, federated rounds,
-privacy vs utility, membership-inference ROC. Each takes what it draws and a path, writes a PNG and
+"""evaluate's figures: confusion matrix, ROC, training curves, segmentation overlays, Dice per site,
+federated rounds, privacy vs utility, membership-inference ROC. Each takes what it draws and a path, writes a PNG and
 returns the path (None when there is nothing to draw).
 """
 
@@ -192,4 +192,35 @@ def plot_membership_roc(results: list[dict], path: Path) -> Path | None:
     ax.set_ylabel("true positive rate (members found)")
     ax.set_title("membership inference: train members vs test non-members", fontsize=9)
     ax.legend(fontsize=6, loc="lower right")
+    return save(fig, path)
+
+
+def plot_dice_by_site(metrics: dict, title: str, path: Path) -> Path | None:
+    """A segmenter's per-patient native-resolution Dice per institution: a bar per site (the mean), each
+    patient a dot; after post-processing a second bar beside it when it was scored."""
+    sites = metrics.get("per_site") or {}
+    if not sites:
+        return None
+    patients = metrics.get("per_patient_native") or {}
+    postprocessed = any(f.get("dice_native_postprocessed_mean") is not None for f in sites.values())
+    names = list(sites)
+    x = np.arange(len(names), dtype=float)
+    width = 0.38 if postprocessed else 0.6
+    fig = figure(1.8 + 1.0 * len(names), 3.8)
+    ax = fig.subplots()
+    bars = [("dice_native_mean", "dice", "raw", -width / 2 if postprocessed else 0.0)]
+    if postprocessed:
+        bars.append(("dice_native_postprocessed_mean", "dice_postprocessed", "post-processed", width / 2))
+    for k, (mean_key, patient_key, label, offset) in enumerate(bars):
+        means = [sites[s].get(mean_key) or 0.0 for s in names]
+        ax.bar(x + offset, means, width, color=f"C{k}", alpha=0.6, label=f"{label} (mean)")
+        for i, site in enumerate(names):
+            values = [p[patient_key] for p in patients.values()
+                      if p.get("site") == site and p.get(patient_key) is not None]
+            ax.plot(np.full(len(values), x[i] + offset), values, "o", color=f"C{k}", markersize=3)
+    ax.set_xticks(x, [f"{s}\n({sites[s]['patients']} patients)" for s in names])
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("Dice per patient")
+    ax.set_title(f"{title}: Dice by institution ({metrics.get('dice_native_source')})", fontsize=8)
+    ax.legend(fontsize=7, loc="lower right")
     return save(fig, path)

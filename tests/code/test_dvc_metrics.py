@@ -48,12 +48,16 @@ def _classifier_scalars(rng, epsilon: float | None) -> dict:
 
 
 def _segmenter_scalars(rng) -> dict:
+    from fedbrain import segmentation_scores
     from fedbrain.evaluate import run_scalars, segmentation_metrics
 
     masks = (rng.random((6, 16, 16, 1)) > 0.7).astype(np.uint8)
-    return run_scalars({"epsilon": None, "delta": None},
-                       segmentation_metrics(masks, rng.random((6, 16, 16, 1)), [0, 0, 1, 1, 2, 2], list(range(6))),
-                       {"status": "audit skipped: classifiers only"})
+    proba, patients = rng.random((6, 16, 16, 1)), [0, 0, 1, 1, 2, 2]
+    reference = segmentation_scores.Reference([m[..., 0] > 0 for m in masks], ["CS", "CS", "DU", "DU", "HT", "HT"],
+                                              "native 16x16")
+    metrics = {**segmentation_metrics(masks, proba, patients, list(range(6))),
+               **segmentation_scores.score(reference, proba, patients, list(range(6)), min_pixels=4)}
+    return run_scalars({"epsilon": None, "delta": None}, metrics, {"status": "audit skipped: classifiers only"})
 
 
 def scratch_project(tmp_path: Path, variants: list[str], segmenters: bool) -> tuple[Path, list[str]]:
@@ -120,3 +124,4 @@ def test_every_variant_with_a_segmenter_still_fits(tmp_path):
     assert len(runs) == 2 * (1 + len(params["variants"])) and len(columns) <= MAX_COLUMNS, columns
     segmenter = {row["Path"]: row for row in rows}["reports/headline/federated/dp/segmenter.json"]
     assert segmenter["test_dice"] != "-" and segmenter["test_accuracy"] == "-"
+    assert segmenter["test_dice_native_mean"] != "-" and not [c for c in columns if "site_" in c]

@@ -331,6 +331,49 @@ def test_run_without_preprocess_output_says_what_to_run(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+# --- leave one institution out -------------------------------------------------------------------
+
+@pytest.mark.parametrize("left_out", ["CS", "DU", "HT"])
+def test_leave_site_out_keeps_every_patient_of_the_site_out_of_training(tmp_path, left_out):
+    index = patients({"CS": 4, "DU": 9, "EZ": 1, "HT": 6}, slices=5, seed=3)
+    table, report = partition.leave_site_out(index, BINARY, left_out, seed=5)
+    test = table[table["split"] == "test"]
+    held = table[table["split"] != "test"]
+    assert set(test["site"]) == {left_out} and (test["hospital"] == -1).all()
+    assert len(test) == (index["site"] == left_out).sum()  # all of its patients: nothing dropped
+    assert left_out not in set(held["site"]) and set(held["split"]) == {"train", "val"}
+    assert set(held["patient_id"]).isdisjoint(test["patient_id"])
+    assert_groups_whole(table, "patient_id")
+    # Hospitals are the training institutions with 2+ patients; single-patient EZ joins one of them.
+    sites = report["sites_per_hospital"]
+    assert sorted(s for listed in sites.values() for s in listed) == sorted({"CS", "DU", "EZ", "HT"} - {left_out})
+    assert report["hospitals"] == 2 and not any(listed == ["EZ"] for listed in sites.values())
+    assert report["left_out_site"] == left_out and report["leakage_free"]
+    # Written with the stage's own writer, read back through load_split as every trainer reads it.
+    processed = _processed(tmp_path, index, BINARY)
+    partition.write_partition(tmp_path / "partition", table, report, BINARY)
+    for part in ("train", "val"):
+        pooled = load_split(processed, tmp_path / "partition", part)
+        assert not any(p.startswith(f"TCGA_{left_out}_") for p in pooled.patient_ids)
+        for k in range(report["hospitals"]):
+            held_k = load_split(processed, tmp_path / "partition", part, hospital=k)
+            assert not any(p.startswith(f"TCGA_{left_out}_") for p in held_k.patient_ids)
+    test_split = load_split(processed, tmp_path / "partition", "test")
+    assert all(p.startswith(f"TCGA_{left_out}_") for p in test_split.patient_ids)
+    # Seeded: the same call gives the same partition.
+    again, _ = partition.leave_site_out(index, BINARY, left_out, seed=5)
+    assert again.equals(table)
+
+
+def test_leave_site_out_unknown_site_lists_the_known_ones():
+    index = patients({"CS": 3, "DU": 4}, slices=2)
+    with pytest.raises(InputError, match=r"site 'XX' is not in the data; known sites: CS \(3 patients\), "
+                                         r"DU \(4 patients\)"):
+        partition.leave_site_out(index, BINARY, "XX")
+    with pytest.raises(InputError, match="needs a site for every image"):
+        partition.leave_site_out(images(12, BINARY), BINARY, "CS")
+
+
 # --- real data -----------------------------------------------------------------------------------
 
 def _real_index(root: Path, layout: str, classes: list[str]) -> pd.DataFrame:

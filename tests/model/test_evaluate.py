@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -119,7 +120,8 @@ def test_evaluate_stage_finds_centralized_and_federated_models(segmentation_data
     assert set(headlines) == set(metrics)
     assert headlines["centralized/classifier"] == {k: cls[k] for k in ("test_accuracy", "test_macro_f1", "test_roc_auc",
                                                                         "test_ece_calibrated", "mia_auc")}
-    assert set(headlines["centralized/segmenter"]) <= {"test_dice", "test_dice_tumour_slices", "test_hd95"}
+    assert set(headlines["centralized/segmenter"]) <= {"test_dice", "test_dice_tumour_slices", "test_hd95",
+                                                      "test_dice_native_mean"}
     assert "test_dice" in headlines["centralized/segmenter"]
     csv = pd.read_csv(out / "comparison.csv")
     assert {"run", "training", "model", "privacy", "accuracy", "macro_f1", "dice", "hd95", "epsilon"} <= set(csv)
@@ -210,3 +212,49 @@ def test_round_plot_legend_shows_a_zero_score_and_says_when_there_is_none():
     run = {"info": {"run": "federated/fedavg"}, "metrics": {"test_dice": 0.0}}
     assert _run_label(run, "test_dice") == "federated/fedavg (test 0.000)"
     assert _run_label(run, "test_accuracy") == "federated/fedavg (test n/a)"
+
+
+def test_evaluate_scores_a_segmenter_per_patient_at_native_resolution_and_per_site(segmentation_data, tiny_params,
+                                                                                   tmp_path):
+    from PIL import Image
+
+    processed, partition = segmentation_data
+    index = pd.read_parquet(processed / "index.parquet")
+    masks = np.load(processed / "masks.npy")
+    # The original masks, twice the processed size, where ingest's manifest would point; two sites.
+    paths = []
+    for row, mask in zip(index["row"], masks[..., 0]):
+        paths.append(str(tmp_path / "raw" / f"{row}_mask.tif"))
+        Path(paths[-1]).parent.mkdir(exist_ok=True)
+        Image.fromarray(np.kron(mask, np.ones((2, 2), np.uint8)) * 255).save(paths[-1])
+    index.assign(site=["CS" if p in ("p0", "p1", "p2") else "DU" for p in index["patient_id"]],
+                 mask_path=paths, slice_index=-1).to_parquet(processed / "index.parquet")
+    models, out = tmp_path / "models", tmp_path / "reports"
+    with tracking.start_run(tiny_params, "centralized-segmenter", {"training": "centralized"}) as active:
+        run_id = active.info.run_id
+    save_model(build_model("unet", (32, 32, 3), 2), models / "centralized" / "segmenter.keras",
+               {"task": "segmentation", "model": "unet", "training": "centralized", "run_id": run_id})
+    params = {**tiny_params, "evaluate": {**tiny_params["evaluate"], "register": False, "postprocess_min_pixels": 4}}
+
+    evaluate(params, processed, partition, models, out)
+    scalars = json.loads((out / "metrics.json").read_text())["centralized/segmenter"]
+    detail = json.loads((out / "evaluation.json").read_text())["centralized/segmenter"]["metrics"]
+    assert detail["dice_native_source"] == "native 64x64"
+    assert {"test_dice", "test_dice_tumour_slices", "test_dice_native_mean", "test_dice_native_median",
+            "test_hd95_native_mean", "test_false_positive_volume_px", "test_dice_native_postprocessed_mean",
+            "test_site_CS/dice_native_mean", "test_site_DU/dice_native_mean", "test_site_CS/patients"} <= set(scalars)
+    # The test split holds p2 (no tumour: scored by the empty-mask rule) and p5, one per site.
+    assert set(detail["per_patient_native"]) == {"p2", "p5"}
+    assert scalars["test_site_CS/dice_native_mean"] == detail["per_patient_native"]["p2"]["dice"]
+    assert detail["per_patient_native"]["p2"]["tumour_px"] == 0
+    headline = json.loads((out / "headline" / "centralized" / "segmenter.json").read_text())
+    assert headline["test_dice_native_mean"] == scalars["test_dice_native_mean"]
+    csv = pd.read_csv(out / "comparison.csv").set_index("run")
+    assert csv.loc["centralized/segmenter", "dice_native_by_site"].startswith("CS ")
+    assert "## Segmentation per institution" in (out / "comparison.md").read_text()
+    assert (out / "plots" / "centralized" / "segmenter" / "dice_by_site.png").stat().st_size > 1000
+    mlflow.set_tracking_uri(tiny_params["mlflow"]["tracking_uri"])
+    client = mlflow.MlflowClient()
+    logged = client.get_run(run_id).data.metrics
+    assert logged["test_site_DU/dice_native_mean"] == pytest.approx(scalars["test_site_DU/dice_native_mean"])
+    assert "evaluation/dice_by_site.png" in {a.path for a in client.list_artifacts(run_id, "evaluation")}

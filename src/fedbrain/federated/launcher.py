@@ -497,6 +497,7 @@ def run_config(settings: FederatedSettings, params: dict, role: str, processed: 
         "secure-aggregation": json.dumps(EncryptionSettings.from_params(section(params, "federated")).to_dict()),
         "paillier-public-key": str(paillier_public_key.resolve()) if paillier_public_key else "",
         "hospital-threads": settings.threads_per_hospital(len(hospitals_in(partition))),
+        "strategy": json.dumps(settings.strategy.to_dict()),
     }
 
 

@@ -2,7 +2,8 @@
 
 Each round: wait until `min-available-nodes` SuperNodes are online; send the global model to
 the sampled ones (FedAvg's `configure_train`); collect their updates until all replied, failed
-or `round-timeout` passed; average them weighted by examples. A SuperNode that crashes shows
+or `round-timeout` passed; average them weighted by examples (federated.strategy fedavgm | fedadam:
+then a server optimizer's step from that average, server_optimizer.py). A SuperNode that crashes shows
 up as a failed reply (the SuperLink reports it once it misses its heartbeats) and the round
 goes on with the others; one that joined is sampled from the next round on.
 
@@ -60,11 +61,12 @@ from fedbrain.federated.encrypted import EncryptedAggregation, EncryptionSetting
 from fedbrain.federated.records import (Checkpoints, Evaluation, RoundRecord, Tracking, atomic_write_text,
                                        fitted_temperature, history_of, merge_evaluation)
 from fedbrain.federated.phases import is_phase
+from fedbrain.federated.server_optimizer import ServerOptimizer
 from fedbrain.federated.settings import update_rules
 from fedbrain.federated.strategy import HospitalFedAvg, content_bytes
 from fedbrain.federated.task import (PREVIOUS_STATISTICS, TEMPERATURE_NLL, VAL_WEIGHT_KEY, WEIGHT_KEY, RunSettings,
                                     batch_norm_layers, build, lr_scale, set_batch_norm_statistics,
-                                    weights_of, weights_record)
+                                    trainable_positions, weights_of, weights_record)
 from fedbrain.federated.validation import RejectionLog, average_encrypted, record_rejections, stop_reason
 from fedbrain.federated.waits import limit_object_pulls, shorten_object_pulls
 from fedbrain.privacy.budget import PRIVACY_KEYS, PrivacyLedger
@@ -392,9 +394,11 @@ def main(grid: Grid, context: Context) -> None:
         state = {"round": 0, "run_id": None, "rounds": [], "node_hospital": {},
                  "initial": {"metrics": {}, "hospitals": {}}}
     known = {int(node): k for node, k in state["node_hospital"].items()}
+    # FedAvgM / FedAdam: a server step on each round's average (a resumed run continues its state).
+    optimizer = ServerOptimizer.for_run(settings.strategy, trainable_positions(model), checkpoints.dir, first - 1)
 
     tags = {"task": settings.task, "model": settings.model, "training": "federated", "privacy": settings.privacy.mode,
-            "strategy": "fedavg", "secure": str(settings.secure).lower(), "role": settings.role,
+            "strategy": settings.strategy.name, "secure": str(settings.secure).lower(), "role": settings.role,
             "aggregation": "paillier" if settings.encrypted else "plaintext"}
     rules = update_rules(settings.params)
     tracking = Tracking(settings, state["run_id"], tags)
@@ -406,7 +410,7 @@ def main(grid: Grid, context: Context) -> None:
                              "federated.fraction_train": settings.fraction_train,
                              "federated.secure": settings.secure,
                              "federated.hospital_threads_resolved": int(context.run_config.get("hospital-threads", 0)),
-                             "model.parameters": model.count_params(),
+                             "model.parameters": model.count_params(), **settings.strategy.as_params(settings.params),
                              # The update checks' defaults (the ones params.yaml sets are logged as written).
                              **{f"federated.{key}": value for key, value in rules.as_params().items()
                                 if key not in (settings.params.get("federated") or {})}})
@@ -476,6 +480,8 @@ def main(grid: Grid, context: Context) -> None:
                 global_models.finish(evaluation, pending, arrays, pooled, server_round - 1)
                 pending, finish = None, None
                 break
+            else:
+                new_arrays = optimizer.step(arrays, new_arrays, server_round)
             finish = functools.partial(global_models.finish, evaluation, pending, arrays, pooled, server_round - 1)
             previous = (server_round - 1, pooled or [])
             arrays, pending = new_arrays, record
@@ -520,7 +526,8 @@ def main(grid: Grid, context: Context) -> None:
     history = history_of(state["rounds"])
     info = settings.class_info()
     card = {"task": settings.task, "model": settings.model, "training": "federated", **ledger.card(),
-            "classes": info["classes"], "run_id": tracking.run_id, "strategy": "fedavg", "aggregation": aggregation,
+            "classes": info["classes"], "run_id": tracking.run_id, "strategy": settings.strategy.name,
+            "strategy_parameters": settings.strategy.parameters(), "aggregation": aggregation,
             "rounds": global_models.last_round, "rounds_planned": settings.rounds,
             "local_epochs": settings.local_epochs, "history": history,
             "initial": state["initial"], "round_records": state["rounds"], "failures": failures,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from fedbrain.config import get, section
@@ -13,6 +13,8 @@ from fedbrain.errors import InputError
 from fedbrain.federated.update_checks import UpdateRules
 
 ROLES = ("classifier", "segmenter")
+# federated.strategy: how a round's updates become the next global model (see StrategySettings).
+STRATEGIES = ("fedavg", "fedprox", "fedavgm", "fedadam")
 # Where train-federated runs its federation: processes on this machine, or pods (federated/cluster.py).
 LAUNCHERS = ("local", "kubernetes")
 
@@ -71,6 +73,99 @@ class KubernetesSettings:
 
 
 @dataclass(frozen=True)
+class StrategySettings:
+    """`federated.strategy` and its parameters (see the comments in params.yaml).
+
+    fedprox acts at the hospitals (federated/proximal.py), fedavgm and fedadam at the server, on the
+    examples-weighted average (federated/server_optimizer.py). The defaults are Flower's own, from
+    flwr.serverapp.strategy (FedAvgM: server_learning_rate 1.0; FedAdam: eta 0.1, beta_1 0.9,
+    beta_2 0.99, tau 1e-3), except proximal_mu and server_momentum, where Flower's 0.0 is FedAvg
+    itself: 0.01 is among Li et al. 2020's values, 0.9 is Hsu et al. 2019's."""
+
+    name: str = "fedavg"
+    proximal_mu: float = 0.01            # fedprox
+    server_learning_rate: float = 1.0    # fedavgm
+    server_momentum: float = 0.9         # fedavgm
+    adam_learning_rate: float = 0.1      # fedadam: server_adam.learning_rate (Flower's eta)
+    beta_1: float = 0.9
+    beta_2: float = 0.99
+    tau: float = 1e-3
+
+    @classmethod
+    def from_params(cls, sec: dict) -> StrategySettings:
+        where, d = "federated", cls()
+        adam = get(sec, "server_adam", dict, where, default={}) or {}
+        unknown = sorted(map(str, set(adam) - {"learning_rate", "beta_1", "beta_2", "tau"}))
+        if unknown:
+            raise InputError(f"params.yaml: 'federated.server_adam' has unknown key(s) {', '.join(unknown)}; "
+                             f"known: learning_rate, beta_1, beta_2, tau")
+        settings = cls(
+            name=get(sec, "strategy", str, where, choices=STRATEGIES, default=d.name),
+            proximal_mu=get(sec, "proximal_mu", float, where, default=d.proximal_mu),
+            server_learning_rate=get(sec, "server_learning_rate", float, where, default=d.server_learning_rate),
+            server_momentum=get(sec, "server_momentum", float, where, default=d.server_momentum),
+            adam_learning_rate=get(adam, "learning_rate", float, f"{where}.server_adam",
+                                   default=d.adam_learning_rate),
+            beta_1=get(adam, "beta_1", float, f"{where}.server_adam", default=d.beta_1),
+            beta_2=get(adam, "beta_2", float, f"{where}.server_adam", default=d.beta_2),
+            tau=get(adam, "tau", float, f"{where}.server_adam", default=d.tau))
+        settings.check()
+        return settings
+
+    def check(self) -> None:
+        key = "params.yaml: 'federated."
+        if not self.proximal_mu >= 0:
+            raise InputError(f"{key}proximal_mu' is {self.proximal_mu}; use 0 (FedAvg's local training) or more, "
+                             f"e.g. 0.01")
+        if not self.server_learning_rate > 0:
+            raise InputError(f"{key}server_learning_rate' is {self.server_learning_rate}; use more than 0 "
+                             f"(1.0: FedAvg's step)")
+        if not 0 <= self.server_momentum < 1:
+            raise InputError(f"{key}server_momentum' is {self.server_momentum}; use a value in [0, 1), e.g. 0.9")
+        if not self.adam_learning_rate > 0:
+            raise InputError(f"{key}server_adam.learning_rate' is {self.adam_learning_rate}; use more than 0, "
+                             f"e.g. 0.1")
+        for name in ("beta_1", "beta_2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise InputError(f"{key}server_adam.{name}' is {getattr(self, name)}; use a value in [0, 1)")
+        if not self.tau > 0:
+            raise InputError(f"{key}server_adam.tau' is {self.tau}; use more than 0, e.g. 0.001")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> StrategySettings:
+        settings = cls(**values)
+        settings.check()
+        return settings
+
+    def parameters(self) -> dict:
+        """The parameters the chosen strategy uses, by their params.yaml names under `federated`."""
+        return {"fedavg": {}, "fedprox": {"proximal_mu": self.proximal_mu},
+                "fedavgm": {"server_learning_rate": self.server_learning_rate,
+                            "server_momentum": self.server_momentum},
+                "fedadam": {"server_adam.learning_rate": self.adam_learning_rate, "server_adam.beta_1": self.beta_1,
+                            "server_adam.beta_2": self.beta_2, "server_adam.tau": self.tau}}[self.name]
+
+    def as_params(self, params: dict | None = None) -> dict:
+        """MLflow params: the strategy and its parameters, leaving out those `params` sets (the run logs
+        params.yaml as written; logging a key again with another spelling, 1 vs 1.0, is an MLflow error)."""
+        written = params.get("federated") or {} if params else {}
+
+        def is_written(key: str) -> bool:
+            sec = written
+            for part in key.split("."):
+                if not isinstance(sec, dict) or part not in sec:
+                    return False
+                sec = sec[part]
+            return True
+
+        return {f"federated.{key}": value for key, value in {"strategy": self.name, **self.parameters()}.items()
+                if not is_written(key)}
+
+
+@dataclass(frozen=True)
 class FederatedSettings:
     """The `federated:` section of params.yaml (see the comments there)."""
 
@@ -94,6 +189,7 @@ class FederatedSettings:
     kubernetes: KubernetesSettings = field(default_factory=KubernetesSettings)
     # min_valid_updates, update_norm_factor, max_update_examples (update_checks.py)
     updates: UpdateRules = field(default_factory=UpdateRules)
+    strategy: StrategySettings = field(default_factory=StrategySettings)
 
     @classmethod
     def from_params(cls, params: dict) -> FederatedSettings:
@@ -124,6 +220,7 @@ class FederatedSettings:
             launcher=get(sec, "launcher", str, where, choices=LAUNCHERS, default=d.launcher),
             kubernetes=KubernetesSettings.from_params(sec.get("kubernetes")),
             updates=update_rules(params),
+            strategy=StrategySettings.from_params(sec),
         )
         settings.check()
         return settings

@@ -19,6 +19,7 @@ import numpy as np
 from fedbrain.config import get
 from fedbrain.dataset import Split, load_classes, load_split
 from fedbrain.errors import InputError
+from fedbrain.federated.settings import StrategySettings
 from fedbrain.privacy.budget import PRIVACY_KEYS
 from fedbrain.privacy.settings import PrivacySettings
 
@@ -77,6 +78,8 @@ class RunSettings:
     # tracking.dataset_reference of the train and val examples when the run config carries it (the
     # kubernetes launcher computes it where the data is); "": the ServerApp reads the data itself.
     training_dataset: str = ""
+    # federated.strategy and its parameters (settings.StrategySettings); FedAvg when the config has none.
+    strategy: StrategySettings = StrategySettings()
 
     @classmethod
     def from_run_config(cls, cfg) -> RunSettings:
@@ -115,6 +118,7 @@ class RunSettings:
             paillier_public_key=str(cfg.get("paillier-public-key", "")),
             classes=json.loads(str(cfg["classes"])) if cfg.get("classes") else None,
             training_dataset=str(cfg.get("training-dataset", "")),
+            strategy=StrategySettings.from_dict(json.loads(str(cfg.get("strategy") or "{}"))),
         )
 
     def class_info(self) -> dict:
@@ -189,12 +193,18 @@ def returned_epoch(history: dict[str, list[float]], train_params: dict) -> int:
 
 def train_locally(model, settings: RunSettings, hospital: int, server_round: int, callbacks=()
                   ) -> tuple[dict, float, int]:
-    """`local_epochs` of the baseline's `fit` on this hospital's data: (history, seconds, examples)."""
+    """`local_epochs` of the baseline's `fit` on this hospital's data: (history, seconds, examples).
+    Under fedprox the model holds the received (global) weights when this is called: they anchor the
+    proximal term."""
     from fedbrain.train import fit
 
     train, val = hospital_data(settings, hospital, "train"), hospital_data(settings, hospital, "val")
     # A different shuffle and augmentation stream per hospital and round, reproducible per run.
     seed = settings.seed + 1000 * server_round + hospital
+    if settings.strategy.name == "fedprox":  # mu/2 ||w - w_received||^2 in the local loss (proximal.py)
+        from fedbrain.federated.proximal import proximal_term
+
+        callbacks = [*callbacks, proximal_term(model, settings.strategy.proximal_mu)]
     start = time.perf_counter()
     history = fit(model, train, val, settings.task, settings.train_params, epochs=settings.local_epochs,
                   seed=seed, class_weight=bool(settings.train_params.get("class_weight", True)), callbacks=callbacks,

@@ -1,0 +1,213 @@
+"""A tumour segmenter at hospitals it has never seen: leave one institution out (not a test).
+
+  .venv/bin/python bench/segmenter_sites.py [--fold SITE ...] [--only centralized|federated]
+                                            [--epochs E] [--rounds R] [--local-epochs L] [--smoke]
+
+On lgg-mri-segmentation (TCGA-LGG: institutions CS, DU, EZ, HT), for each left-out institution
+(default CS, DU and HT; EZ has one patient and always stays in training): the other institutions'
+patients are split train/val by patient (`partition.leave_site_out`), a U-Net is trained on them
+centralized and federated (FedAvg, one hospital per training institution, EZ merged into one, on
+the real Deployment Engine as bench/federated.py runs it), and both are scored on every patient of
+the left-out institution: per-patient volume Dice at the native 256x256 resolution
+(`fedbrain.segmentation_scores`). Prints, for the folds this work folder holds, each fold's mean and
+median per-patient Dice, the mean over the folds, every patient's Dice, and each fold's train time.
+
+`--fold SITE` (repeatable) runs only those folds and `--only` only one of the two trainings, so the
+bench runs in parts on a 2-core machine; each part saves its result in the fold's folder and the
+table gathers whatever folds are there. Budget: one fold (both trainings) in at most 40 minutes on 2
+cores. The defaults (centralized 16 epochs; federated 4 rounds x 4 local epochs) are an estimate from
+bench/README.md's full-split timings (about 1 min per epoch of ~1,200 training slices, centralized or
+federated), not a measurement of a fold: the printed times say what a fold took.
+
+`--smoke`: 2 patients per institution, 1 epoch, 1 round of 1 local epoch, in its own work folder: the
+script end to end in minutes, numbers meaningless.
+
+Work files go to build/bench/lgg-sites/ (build/bench/lgg-sites-smoke/ for --smoke), MLflow runs to
+build/bench/mlflow.db.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+BENCH = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH))
+sys.path.insert(0, str(BENCH.parent / "src"))
+
+import centralized  # noqa: E402  (bench/centralized.py: params_for, SHARED, WORK)
+
+import pandas as pd  # noqa: E402
+
+from fedbrain import evaluate, ingest, partition, preprocess, train  # noqa: E402
+from fedbrain import segmentation_scores as scores  # noqa: E402
+from fedbrain.dataset import load_classes, load_split  # noqa: E402
+from fedbrain.errors import InputError  # noqa: E402
+
+ROOT = centralized.SHARED / "lgg-mri-segmentation" / "kaggle_3m"
+FOLDS = ("CS", "DU", "HT")
+TRAININGS = ("centralized", "federated")
+BUDGET_MIN = 40
+
+
+def work_folder(smoke: bool) -> Path:
+    return centralized.WORK / ("lgg-sites-smoke" if smoke else "lgg-sites")
+
+
+def bench_params(args) -> dict:
+    params = centralized.params_for(ROOT)
+    segmenter = params["train"]["segmenter"]
+    segmenter["epochs"] = args.epochs
+    params["federated"] = {**params["federated"], "roles": "segmenter", "rounds": args.rounds,
+                           "local_epochs": args.local_epochs}
+    if args.smoke:
+        segmenter.update(patience=1, warmup_epochs=0)
+    return params
+
+
+def smoke_root(work: Path, per_site: int = 2) -> Path:
+    """The first `per_site` patients of every institution, as symlinks (no copy of the data)."""
+    root = work / "data"
+    root.mkdir(parents=True, exist_ok=True)
+    chosen: dict[str, list[Path]] = {}
+    for folder in sorted(p for p in ROOT.iterdir() if ingest.TCGA_FOLDER.match(p.name)):
+        chosen.setdefault(ingest.TCGA_FOLDER.match(folder.name)["site"], []).append(folder)
+    for folders in chosen.values():
+        for folder in folders[:per_site]:
+            if not (root / folder.name).exists():
+                (root / folder.name).symlink_to(folder, target_is_directory=True)
+    return root
+
+
+def prepare(params: dict, work: Path, smoke: bool) -> Path:
+    """ingest and preprocess once per work folder (a lock: folds started side by side wait for it)."""
+    if not ROOT.is_dir():
+        sys.exit(f"{ROOT}: real data absent (expected beside the project in ../shared/data)")
+    work.mkdir(parents=True, exist_ok=True)
+    manifest, processed = work / "manifest.parquet", work / "processed"
+    with open(work / ".prepare.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (processed / "classes.json").is_file():
+            params = {**params, "data": {**params["data"], "root": str(smoke_root(work) if smoke else ROOT)}}
+            ingest.run(params, manifest)
+            preprocess.run(params, manifest, processed)
+    return processed
+
+
+def run_fold(params: dict, processed: Path, work: Path, site: str, trainings: tuple[str, ...]) -> dict:
+    fold = work / f"fold-{site}"
+    parts, models = fold / "partition", fold / "models"
+    classes = load_classes(processed)
+    index = pd.read_parquet(processed / "index.parquet")
+    table, report = partition.leave_site_out(index, list(classes["classes"]), site,
+                                             seed=params["partition"]["seed"],
+                                             val_fraction=params["partition"]["val_fraction"])
+    partition.write_partition(parts, table, report, list(classes["classes"]))
+    hospitals = report["sites_per_hospital"]
+    print(f"fold {site}: test {report['groups_per_split']['test']} patients of {site}; train "
+          f"{report['groups_per_split']['train']} / val {report['groups_per_split']['val']} patients of the others; "
+          f"hospitals {hospitals}", flush=True)
+    test = load_split(processed, parts, "test")
+    reference = scores.load_reference(processed, test)
+    settings = {"threshold": params["evaluate"]["threshold"], "overlays": params["evaluate"]["overlays"],
+                "batch_size": params["evaluate"]["batch_size"],
+                "postprocess_min_pixels": params["evaluate"].get("postprocess_min_pixels")}
+    result_path = fold / "result.json"
+    result = json.loads(result_path.read_text()) if result_path.is_file() else {}
+    result.update(site=site, test_patients=report["groups_per_split"]["test"], hospitals=hospitals)
+    for training in trainings:
+        start = time.perf_counter()
+        if training == "centralized":
+            out = models / "centralized"
+            train.train_model(params, "segmenter", classes, load_split(processed, parts, "train"),
+                              load_split(processed, parts, "val"), out)
+        else:
+            from fedbrain.federated import launcher
+
+            out = models / "federated" / "fedavg"
+            fold_params = {**params, "federated": {**params["federated"], "state_dir": str(fold / "federated-state")}}
+            launcher.run(fold_params, processed, parts, out, echo=lambda line: print(f"  | {line}", flush=True))
+        minutes = (time.perf_counter() - start) / 60
+        metrics = evaluate.evaluate_model(out / "segmenter.keras", models, test, list(classes["classes"]), settings,
+                                          fold / "plots", reference=reference)["metrics"]
+        result[training] = {"train_min": minutes, "source": metrics["dice_native_source"],
+                            **{k: metrics.get(k) for k in ("dice_native_mean", "dice_native_median",
+                                                           "dice_native_postprocessed_mean", "hd95_native_mean",
+                                                           "false_positive_volume_px")},
+                            "per_patient": {p: r["dice"] for p, r in metrics["per_patient_native"].items()}}
+        print(f"fold {site}: {training} trained in {minutes:.1f} min, per-patient Dice "
+              f"{metrics['dice_native_mean']:.4f} ({metrics['dice_native_source']})", flush=True)
+        result_path.write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def _cell(result: dict, training: str, key: str, form: str = ".4f") -> str:
+    value = (result.get(training) or {}).get(key)
+    return "-" if value is None else format(value, form)
+
+
+def report(work: Path, params: dict, smoke: bool) -> None:
+    held = {}
+    for path in sorted(work.glob("fold-*/result.json")):
+        result = json.loads(path.read_text())
+        held[result["site"]] = result
+    missing = [s for s in FOLDS if s not in held]
+    fed = params["federated"]
+    print(f"\nBENCH segmenter_sites{' --smoke' if smoke else ''} (leave one institution out, lgg-mri-segmentation; "
+          f"centralized {params['train']['segmenter']['epochs']} epochs, federated {fed['rounds']} rounds x "
+          f"{fed['local_epochs']} local epochs, FedAvg; {os.cpu_count()} cores): folds held "
+          f"{', '.join(held) or 'none'}" + (f"; not yet run: {', '.join(missing)} (--fold SITE)" if missing else ""))
+    print("per-patient Dice at native resolution, mean / median over the left-out institution's patients")
+    print("| left out | patients | centralized | federated | centralized, post-processed | federated, post-processed "
+          "| train min centralized | train min federated | fold min (budget 40) |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for site, r in held.items():
+        fold_min = sum((r.get(t) or {}).get("train_min", 0.0) for t in TRAININGS)
+        print(f"| {site} | {r['test_patients']} | " + " | ".join(
+            f"{_cell(r, t, 'dice_native_mean')} / {_cell(r, t, 'dice_native_median')}" for t in TRAININGS) + " | "
+            + " | ".join(_cell(r, t, "dice_native_postprocessed_mean") for t in TRAININGS) + " | "
+            + " | ".join(_cell(r, t, "train_min", ".1f") for t in TRAININGS)
+            + f" | {fold_min:.1f}{' OVER' if fold_min > BUDGET_MIN else ''} |")
+    means = {t: [r[t]["dice_native_mean"] for r in held.values()
+                 if (r.get(t) or {}).get("dice_native_mean") is not None] for t in TRAININGS}
+    print(f"| mean of {len(held)} fold(s) | | " + " | ".join(
+        f"{statistics.mean(means[t]):.4f} ({len(means[t])} folds)" if means[t] else "-" for t in TRAININGS)
+        + " | | | | | |")
+    for site, r in held.items():
+        for training in TRAININGS:
+            if r.get(training):
+                patients = ", ".join(f"{p} {d:.3f}" for p, d in r[training]["per_patient"].items())
+                print(f"  {site} {training} ({r[training]['source']}): {patients}")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--fold", action="append", metavar="SITE", help=f"left-out institution (default {FOLDS})")
+    parser.add_argument("--only", choices=TRAININGS, help="train only this one (default both)")
+    parser.add_argument("--epochs", type=int, help="centralized epochs (default 16; --smoke 1)")
+    parser.add_argument("--rounds", type=int, help="federated rounds (default 4; --smoke 1)")
+    parser.add_argument("--local-epochs", type=int, help="local epochs per round (default 4; --smoke 1)")
+    parser.add_argument("--smoke", action="store_true", help="2 patients per site, 1 epoch, 1 round: a quick run")
+    parser.add_argument("--report", action="store_true", help="print the table of the folds held; train nothing")
+    args = parser.parse_args()
+    for name, full, smoke in (("epochs", 16, 1), ("rounds", 4, 1), ("local_epochs", 4, 1)):
+        if getattr(args, name) is None:
+            setattr(args, name, smoke if args.smoke else full)
+    params = bench_params(args)
+    work = work_folder(args.smoke)
+    if not args.report:
+        processed = prepare(params, work, args.smoke)
+        for site in args.fold or FOLDS:
+            try:
+                run_fold(params, processed, work, site, (args.only,) if args.only else TRAININGS)
+            except InputError as exc:
+                sys.exit(f"fold {site}: {exc}")
+    report(work, params, args.smoke)

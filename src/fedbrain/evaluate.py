@@ -51,7 +51,7 @@ from fedbrain.errors import InputError
 from fedbrain.plots import (plot_confusion_matrix, plot_dice_by_site, plot_history, plot_membership_roc,
                             plot_overlays, plot_privacy_utility, plot_roc, plot_rounds)
 from fedbrain.privacy import audit as membership_audit
-from fedbrain.segmentation_scores import dice_hd95  # noqa: F401  (evaluate's public name)
+from fedbrain.segmentation_scores import defined_mean, dice_hd95
 
 # mia_*: the membership-inference audit; mia_auc and the TPRs are the stronger attack's (the larger).
 MIA_COLUMNS = ["mia_status", "mia_auc", "mia_loss_auc", "mia_tpr_at_1pct_fpr", "mia_tpr_at_0_1pct_fpr",
@@ -113,11 +113,6 @@ def classification_metrics(y_true: np.ndarray, proba: np.ndarray, classes: list[
 
 # --------------------------------------------------------------------------- segmentation
 
-def _mean(values) -> float | None:
-    values = [v for v in values if v is not None]
-    return float(np.mean(values)) if values else None
-
-
 def segmentation_metrics(masks: np.ndarray, proba: np.ndarray, patient_ids: list, image_ids: list,
                          threshold: float = 0.5) -> dict:
     """Dice and HD95 per patient (slices stacked into a volume) and over tumour slices.
@@ -137,10 +132,10 @@ def segmentation_metrics(masks: np.ndarray, proba: np.ndarray, patient_ids: list
     tumour = [i for i in range(len(truth)) if truth[i].any()]
     slice_scores = [dice_hd95(truth[i], prediction[i]) for i in tumour]
     return {
-        "dice": _mean(p["dice"] for p in per_patient.values()),
-        "hd95": _mean(p["hd95"] for p in per_patient.values()),
-        "dice_tumour_slices": _mean(d for d, _ in slice_scores),
-        "hd95_tumour_slices": _mean(h for _, h in slice_scores),
+        "dice": defined_mean(p["dice"] for p in per_patient.values()),
+        "hd95": defined_mean(p["hd95"] for p in per_patient.values()),
+        "dice_tumour_slices": defined_mean(d for d, _ in slice_scores),
+        "hd95_tumour_slices": defined_mean(h for _, h in slice_scores),
         "tumour_slices": len(tumour),
         "missed_tumour_slices": sum(1 for i in tumour if not prediction[i].any()),
         "false_positive_slices": int(sum(1 for i in range(len(truth)) if not truth[i].any() and prediction[i].any())),
@@ -325,8 +320,7 @@ def _temperature(model, val: Split | None, batch_size: int) -> dict:
     """A classifier's temperature when its card has none: fitted on the validation split, never the test split's."""
     if val is None or len(val) == 0:
         return {"temperature": 1.0, "temperature_source": "none: no validation split to fit it on"}
-    proba = model.predict(val.images, batch_size=batch_size, verbose=0)
-    return {"temperature": reliability.fit_temperature(proba, val.labels), "temperature_source": IN_EVALUATE}
+    return {"temperature": reliability.model_temperature(model, val, batch_size), "temperature_source": IN_EVALUATE}
 
 
 def evaluate_model(path: Path, models: Path, test: Split, classes: list[str], settings: dict, plots: Path,

@@ -18,7 +18,6 @@ feature maps: both are ``NotExplainable``, with the reason.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -142,29 +141,16 @@ def draw(ax, image: np.ndarray, heatmap: np.ndarray):
     return artist
 
 
-def _write_png(fig, path: Path) -> Path:
-    """Through a temporary file renamed into place: a failure leaves no half-written PNG."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    try:
-        fig.savefig(tmp, dpi=100, format="png")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
-
-
 def write_overlay(image: np.ndarray, heatmap: np.ndarray, title: str, path: Path) -> Path:
     """One explained image: the model's input, its Grad-CAM heat map over it, ``title`` above."""
-    from fedbrain.plots import figure
+    from fedbrain.plots import figure, save
 
     fig = figure(4.0, 3.6)
     ax = fig.subplots()
     artist = draw(ax, image, heatmap)
     ax.set_title(title, fontsize=10)
     fig.colorbar(artist, ax=ax, shrink=0.8, label="Grad-CAM (relative)")
-    return _write_png(fig, path)
+    return save(fig, path)
 
 
 def gallery_picks(labels: np.ndarray, proba: np.ndarray, per_kind: int = GALLERY_PER_KIND) -> dict:

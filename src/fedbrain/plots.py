@@ -5,6 +5,7 @@ returns the path (None when there is nothing to draw).
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -20,8 +21,15 @@ def figure(width: float, height: float):
 
 
 def save(fig, path: Path) -> Path:
+    """Through a temporary file renamed into place: a failure leaves no half-written PNG."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    try:
+        fig.savefig(tmp, dpi=100, format="png")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
 
 

@@ -15,8 +15,9 @@ matrix are the unscaled model's.
 
 T minimises the negative log-likelihood (NLL) of the validation split, never the test split's. In a
 federation nobody holds the whole validation split: each hospital returns ``nll_by_temperature`` of
-its own split over the shared grid ``TEMPERATURES``, the server adds the arrays (the NLL of the
-pooled split is the sum of its parts) and ``choose_temperature`` takes the grid's argmin. With the
+its own split over the shared grid ``TEMPERATURES``, divided by its number of images; the server's
+examples-weighted average of those means is the pooled split's mean NLL (federated/task.py,
+records.fitted_temperature), and ``choose_temperature`` takes the grid's argmin. With the
 examples at hand, ``fit_temperature`` also refines that argmin between its grid neighbours.
 """
 
@@ -84,6 +85,12 @@ def fit_temperature(proba, labels) -> float:
     found = minimize_scalar(lambda t: nll_by_temperature(proba, labels, [t])[0], bounds=(low, high),
                             method="bounded", options={"xatol": 1e-4})
     return float(found.x)
+
+
+def model_temperature(model, split, batch_size: int) -> float:
+    """``fit_temperature`` of a Keras classifier's probabilities on ``split`` (its validation split:
+    centralized training and evaluate for a card without one)."""
+    return fit_temperature(model.predict(split.images, batch_size=batch_size, verbose=0), split.labels)
 
 
 def reliability_bins(proba, labels, bins: int = N_BINS) -> dict:

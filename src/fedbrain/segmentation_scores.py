@@ -172,7 +172,7 @@ def postprocess(prediction: np.ndarray, min_pixels: int) -> np.ndarray:
 
 # --------------------------------------------------------------------------- scores
 
-def _mean(values) -> float | None:
+def defined_mean(values) -> float | None:
     values = [v for v in values if v is not None]
     return float(np.mean(values)) if values else None
 
@@ -183,15 +183,15 @@ def _median(values) -> float | None:
 
 
 def _summary(records: list[dict], postprocessed: bool) -> dict:
-    out = {"dice_native_mean": _mean(r["dice"] for r in records),
+    out = {"dice_native_mean": defined_mean(r["dice"] for r in records),
            "dice_native_median": _median(r["dice"] for r in records),
-           "hd95_native_mean": _mean(r["hd95"] for r in records),
+           "hd95_native_mean": defined_mean(r["hd95"] for r in records),
            "hd95_native_median": _median(r["hd95"] for r in records),
            "false_positive_volume_px": int(sum(r["false_positive_px"] for r in records))}
     if postprocessed:
-        out.update(dice_native_postprocessed_mean=_mean(r["dice_postprocessed"] for r in records),
+        out.update(dice_native_postprocessed_mean=defined_mean(r["dice_postprocessed"] for r in records),
                    dice_native_postprocessed_median=_median(r["dice_postprocessed"] for r in records),
-                   hd95_native_postprocessed_mean=_mean(r["hd95_postprocessed"] for r in records))
+                   hd95_native_postprocessed_mean=defined_mean(r["hd95_postprocessed"] for r in records))
     return out
 
 

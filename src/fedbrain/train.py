@@ -422,8 +422,7 @@ def _temperature_card(model: tf.keras.Model, task: str, val: Split, batch_size: 
         return {}
     from fedbrain import reliability
 
-    proba = model.predict(val.images, batch_size=batch_size, verbose=0)
-    return {"temperature": reliability.fit_temperature(proba, val.labels),
+    return {"temperature": reliability.model_temperature(model, val, batch_size),
             "temperature_fitted_on": f"validation split ({len(val)} images)"}
 
 

@@ -252,3 +252,34 @@ def test_client_level_dp_under_paillier_adds_the_noise_at_the_hospitals(tmp_path
     assert not any(e["phase"] == "examples" for e in audit_lines(out))
     serverapp_log = next((tmp_path / ".fedbrain" / "federation" / "client_paillier" / "logs").glob("serverapp_*.log"))
     assert "central DP noise" not in serverapp_log.read_text()
+
+
+def test_under_paillier_a_hospital_with_a_nan_update_sends_no_ciphertext_and_the_round_goes_on(tmp_path):
+    """The server cannot check values it only sees encrypted, so each hospital checks its own update
+    before encrypting it (update_checks.check_values): hospital 2, whose training images are NaN,
+    sends an error reply naming the reason instead of ciphertexts; the round adds the other two, and
+    the audit log shows no payload from hospital 2 in that phase."""
+    import pandas as pd
+
+    processed, partition = make_federated_data(tmp_path / "data", hospitals=3)
+    images = np.load(processed / "images.npy")
+    rows = pd.read_parquet(partition / "hospital_2" / "index.parquet").query("split == 'train'")["row"]
+    images[rows.to_numpy()] = np.nan
+    np.save(processed / "images.npy", images)
+    params = paillier_params(tmp_path, rounds=1, model="tiny_model:build_plain")
+    params["federated"]["min_available_nodes"] = 3
+    out = tmp_path / "models" / "federated" / "paillier"
+
+    launcher.run(params, processed, partition, out, echo=lambda line: None)
+
+    card = json.loads((out / "classifier.json").read_text())
+    (record,) = card["round_records"]
+    assert trained(record) == {"0", "1"}
+    (failure,) = card["failures"]
+    assert (failure["hospital"], failure["phase"]) == (2, "train")
+    assert "hospital 2, round 1: update has" in failure["reason"] and "NaN or infinite" in failure["reason"]
+    assert "not encrypted or sent" in failure["reason"]
+    hospital_2 = [e for e in audit_lines(out) if e["hospital"] == 2 and e["phase"] == "train"]
+    assert [e["status"] for e in hospital_2] == ["failed"] and "payload_sha256" not in hospital_2[0]
+    model = tf.keras.models.load_model(out / "classifier.keras", compile=False)
+    assert all(np.isfinite(w).all() for w in model.get_weights())

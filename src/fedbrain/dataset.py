@@ -8,13 +8,18 @@ preprocess writes ``<processed>/``:
 
 partition writes ``<partition>/``:
   splits.parquet          row, image_id, patient_id, site, label, label_index, split
-                          (train | val | test), hospital (-1 for test)
+                          (train | val | test), hospital (-1 for test), test_hospital (for a test row,
+                          the hospital whose held-out test part it is in; -1 for train/val rows and
+                          for test rows in no hospital's part)
   hospital_<k>/index.parquet  the train and val rows that hospital k holds (row, split, label_index)
   report.json, label_counts.png
   summary.json            the headline figures for ``dvc metrics show`` (duplicates dropped, split sizes)
 
 Every trainer (centralized, each federated hospital, evaluate) reads through ``load_split``
-so that they all see exactly the same examples for a split.
+so that they all see exactly the same examples for a split. The test split is held out centrally
+(no hospital folder holds it); its per-hospital parts partition it (a patient in one part at
+most), for scoring a hospital's own model on data like its own: ``load_split(..., "test",
+hospital=k)``, or ``hospital_test_parts`` for their positions in the pooled test split.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ import pandas as pd
 from fedbrain.errors import InputError
 
 SPLITS = ("train", "val", "test")
+TEST_PART = "test_hospital"  # splits.parquet's column: whose held-out test part a test row is in
 
 
 @dataclass
@@ -84,21 +90,54 @@ def hospital_dir(partition_dir: str | Path, hospital: int) -> Path:
     return Path(partition_dir) / f"hospital_{hospital}"
 
 
+def _splits_table(partition_dir: Path) -> tuple[pd.DataFrame, Path]:
+    path = partition_dir / "splits.parquet"
+    if not path.is_file():
+        raise InputError(f"{path}: not found; run the partition stage first (dvc repro partition)")
+    return pd.read_parquet(path), path
+
+
+def _test_part(partition_dir: Path, hospital: int) -> pd.DataFrame:
+    """splits.parquet's test rows in hospital ``hospital``'s held-out test part."""
+    table, path = _splits_table(partition_dir)
+    if TEST_PART not in table.columns:
+        raise InputError(f"{path}: has no {TEST_PART} column (written before each hospital had a held-out "
+                         f"test part), so hospital {hospital}'s test part is unknown; re-run the partition "
+                         "stage: dvc repro partition")
+    if not hospital_dir(partition_dir, hospital).is_dir():
+        known = sorted(p.name for p in partition_dir.glob("hospital_*"))
+        raise InputError(f"{partition_dir}: has no hospital {hospital} (hospitals: {', '.join(known) or 'none'}); "
+                         "use one of them, or re-run the partition stage with more partition.hospitals")
+    return table[(table["split"] == "test") & (table[TEST_PART] == hospital)]
+
+
+def hospital_test_parts(partition_dir: str | Path) -> dict[int, np.ndarray] | None:
+    """Each hospital's held-out test part as positions in the pooled test split (``load_split(...,
+    "test")``'s order): {hospital: positions}, hospitals without a test part left out. None for a
+    splits.parquet written before test parts existed: a caller that can do without them decides."""
+    table, _ = _splits_table(Path(partition_dir))
+    if TEST_PART not in table.columns:
+        return None
+    owner = table.loc[table["split"] == "test", TEST_PART].to_numpy(dtype=np.int64)
+    return {int(k): np.flatnonzero(owner == k) for k in np.unique(owner) if k >= 0}
+
+
 def load_split(processed_dir: str | Path, partition_dir: str | Path, split: str,
                hospital: int | None = None) -> Split:
-    """The examples of one split, pooled (hospital=None) or as held by one hospital."""
+    """The examples of one split, pooled (hospital=None) or as held by one hospital; for the test
+    split, hospital k's held-out test part (splits.parquet's test_hospital)."""
     if split not in SPLITS:
         raise InputError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
     processed_dir, partition_dir = Path(processed_dir), Path(partition_dir)
     if hospital is None:
-        index_path = partition_dir / "splits.parquet"
+        index = _splits_table(partition_dir)[0]
+    elif split == "test":
+        index = _test_part(partition_dir, hospital)
     else:
-        if split == "test":
-            raise InputError("the test split is held out centrally; no hospital holds it")
         index_path = hospital_dir(partition_dir, hospital) / "index.parquet"
-    if not index_path.is_file():
-        raise InputError(f"{index_path}: not found; run the partition stage first (dvc repro partition)")
-    index = pd.read_parquet(index_path)
+        if not index_path.is_file():
+            raise InputError(f"{index_path}: not found; run the partition stage first (dvc repro partition)")
+        index = pd.read_parquet(index_path)
     index = index[index["split"] == split]
     rows = index["row"].to_numpy(dtype=np.int64)
 

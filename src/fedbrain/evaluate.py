@@ -19,6 +19,16 @@ Writes, under ``out`` (``reports/``):
                       fedbrain.explain): DVC plots
   plots/membership_roc.png  the membership-inference audit of every classifier (fedbrain.privacy.audit)
   curves/<task>/<run>.csv   validation curves per epoch or round as DVC data plots (fedbrain.curves)
+  personalization.csv/.md   when 2+ hospitals have a held-out test part (the partition's test_hospital):
+                      every model on each hospital's part, a hospital's own personalized model beside the
+                      global ones, one row per hospital and the mean over hospitals (each model's scores
+                      are also its ``by_hospital`` in evaluation.json)
+  plots/personalization_<task>.png  the same as grouped bars
+
+A hospital's personalized model (``federated/<variant>/hospital_<k>/<role>.keras``, its card saying
+``personalization`` and ``hospital``) is evaluated like every model on the common test split, but is
+never registered (a hospital's own model is not the consortium's champion) and its MLflow evaluation is
+a run of its own, tagged with its personalization and hospital.
 
 Every classifier is also attacked: members (a seeded sample of the partition's train rows) against
 as many test images it never trained on; the ``mia_*`` columns and metrics say how well an attacker
@@ -35,6 +45,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -46,10 +57,10 @@ from fedbrain import explain, reliability
 from fedbrain import segmentation_scores as scores
 from fedbrain.config import get
 from fedbrain.curves import write_curves
-from fedbrain.dataset import Split, load_classes, load_split
+from fedbrain.dataset import Split, hospital_test_parts, load_classes, load_split
 from fedbrain.errors import InputError
 from fedbrain.plots import (plot_confusion_matrix, plot_dice_by_site, plot_history, plot_membership_roc,
-                            plot_overlays, plot_privacy_utility, plot_roc, plot_rounds)
+                            plot_overlays, plot_personalization, plot_privacy_utility, plot_roc, plot_rounds)
 from fedbrain.privacy import audit as membership_audit
 from fedbrain.segmentation_scores import defined_mean, dice_hd95
 
@@ -62,11 +73,18 @@ HEADLINE = {"classification": ("test_accuracy", "test_macro_f1", "test_roc_auc",
             "segmentation": ("test_dice", "test_dice_tumour_slices", "test_hd95", "test_dice_native_mean")}
 HEADLINE_PRIVACY = ("epsilon",)
 RELIABILITY_COLUMNS = ["ece", "ece_calibrated", "brier", "brier_calibrated", "temperature", "temperature_source"]
-COMPARISON_COLUMNS = ["run", "training", "model", "task", "privacy", "epsilon", "delta", "aggregation", "accuracy",
+COMPARISON_COLUMNS = ["run", "training", "model", "task", "privacy", "epsilon", "delta", "aggregation",
+                      "personalization", "accuracy",
                       "macro_f1", "roc_auc", *RELIABILITY_COLUMNS, "dice", "hd95", "dice_tumour_slices",
                       *scores.COMPARISON_COLUMNS, "test_images",
                       "train_time_s", "round_time_s", "mb_per_round", *MIA_COLUMNS, "run_id"]
 IN_EVALUATE = "fitted on validation split in evaluate"
+# The personalization table (personalization.csv/.md): per task, the scores of each hospital's test part;
+# a column per global model (its run name) and per variant's personalized models (OWN_MODEL).
+HOSPITAL_METRICS = {"classification": ("accuracy", "macro_f1"), "segmentation": ("dice_tumour_slices",)}
+OWN_MODEL = " (own hospital's model)"  # suffix of a variant's personalized column: row k holds hospital k's model
+MEAN_ROW = "mean over hospitals"
+HOSPITAL_FOLDER = re.compile(r"hospital_(\d+)")
 
 
 # --------------------------------------------------------------------------- classification
@@ -203,9 +221,15 @@ def describe(path: Path, models: Path, model, card: dict) -> dict:
     history = card.get("history")
     if history is None and (path.parent / "history.json").is_file():
         history = json.loads((path.parent / "history.json").read_text()).get(path.stem)
+    hospital = card.get("hospital")
+    if hospital is None and training == "federated" and (folder := HOSPITAL_FOLDER.fullmatch(path.parent.name)):
+        # A hospital's own model whose card is missing: still never registered as the consortium's.
+        hospital = int(folder.group(1))
+    personalization = card.get("personalization") or (None if hospital is None else "unknown")
     return {"run": relative.as_posix(), "training": training, "privacy": privacy, "task": task,
             "model": card.get("model") or model.name, "epsilon": card.get("epsilon"), "delta": card.get("delta"),
             "aggregation": card.get("aggregation", "fedavg" if training == "federated" else None),
+            "personalization": personalization, "hospital": None if hospital is None else int(hospital),
             "run_id": card.get("run_id"), "train_time_s": card.get("train_time_s"), "history": history,
             "temperature": card.get("temperature"),
             "temperature_source": None if card.get("temperature") is None else "card",
@@ -280,17 +304,19 @@ def _write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def comparison_markdown(table: pd.DataFrame, sites: str = "") -> str:
-    def cell(value):
-        if value is None or (isinstance(value, float) and math.isnan(value)):
-            return ""
-        if isinstance(value, float):
-            return f"{value:.1e}" if 0 < abs(value) < 1e-3 else f"{value:.4f}"  # a delta reads 1.0e-05
-        return str(value)
+def _cell(value) -> str:
+    """A markdown table cell: empty for a missing value, 4 decimals for a float."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    if isinstance(value, float):
+        return f"{value:.1e}" if 0 < abs(value) < 1e-3 else f"{value:.4f}"  # a delta reads 1.0e-05
+    return str(value)
 
+
+def comparison_markdown(table: pd.DataFrame, sites: str = "") -> str:
     columns = [c for c in table.columns if c != "run_id"]
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(cell(row[c]) for c in columns) + " |" for _, row in table.iterrows()]
+    lines += ["| " + " | ".join(_cell(row[c]) for c in columns) + " |" for _, row in table.iterrows()]
     return ("# Test-set comparison\n\nEvery model on the same held-out test split "
             "(`fedbrain evaluate`). `dice`, `hd95`: per patient at the preprocessed size (HD95 in its pixels); "
             "`*_native_*`: per patient at the images' own resolution (`dice_native_source`), "
@@ -301,7 +327,135 @@ def comparison_markdown(table: pd.DataFrame, sites: str = "") -> str:
             "the validation split (`temperature_source`). `mia_*`: membership "
             "inference, train images against as many test images (AUC 0.5 = no measurable leak, "
             "which is no proof of privacy); `mia_exceeds_dp_bound`: an attack's TPR beat what the "
-            "model's (epsilon, delta) allows.\n\n" + "\n".join(lines) + "\n" + sites)
+            "model's (epsilon, delta) allows. `personalization`: a hospital's own model (its hospital in the "
+            "run name), scored here like every model; per hospital in `personalization.md`.\n\n" + "\n".join(lines) + "\n" + sites)
+
+
+# --------------------------------------------------------------------------- per hospital
+
+def hospital_scores(task: str, test: Split, proba: np.ndarray, parts: dict[int, np.ndarray],
+                    threshold: float = 0.5) -> dict[str, dict]:
+    """A model's scores on each hospital's held-out test part, {"<k>": {...}}: the parts are subsets of
+    the common test split, so its rows of the predictions already made are scored, nothing is predicted
+    again. Classification: accuracy and macro F1 (over the classes in the part or predicted, as in
+    `classification_metrics`); segmentation: mean Dice over the part's slices with tumour."""
+    from sklearn.metrics import accuracy_score, f1_score
+
+    scored = {}
+    if task == "classification":
+        predicted = np.asarray(proba).argmax(axis=1)
+        for k, rows in parts.items():
+            truth, guess = test.labels[rows], predicted[rows]
+            scored[str(k)] = {"test_images": len(rows), "accuracy": float(accuracy_score(truth, guess)),
+                              "macro_f1": float(f1_score(truth, guess, average="macro", zero_division=0))}
+        return scored
+    truth = np.asarray(test.masks)[..., 0] > 0
+    prediction = np.asarray(proba)[..., 0] > threshold
+    for k, rows in parts.items():
+        tumour = [i for i in rows if truth[i].any()]
+        scored[str(k)] = {"test_images": len(rows), "tumour_slices": len(tumour),
+                          "dice_tumour_slices": defined_mean(scores.dice(truth[i], prediction[i]) for i in tumour)}
+    return scored
+
+
+def _variant(run: str) -> str:
+    """evaluate's run name without the role: "federated/fedbn/classifier" -> "federated/fedbn"."""
+    return run.rsplit("/", 1)[0] if "/" in run else run
+
+
+def _own_column(info: dict) -> str:
+    """A hospital's own model's column: its variant's personalized column ("federated/fedbn/hospital_0/
+    classifier" -> "federated/fedbn (own hospital's model)"), where row k holds hospital k's model."""
+    folders = [part for part in info["run"].split("/")[:-1] if not HOSPITAL_FOLDER.fullmatch(part)]
+    return "/".join(folders) + OWN_MODEL
+
+
+def _columns(results: list[dict]) -> dict[str, dict]:
+    """{column: {hospital: result}} in table order (a global model, under the key None for every
+    hospital, by its run name): the global models in evaluate's order, each variant's personalized
+    column right after its global model, so the two read side by side."""
+    own: dict[str, dict] = {}
+    for result in results:
+        if result["info"]["hospital"] is not None:
+            own.setdefault(_own_column(result["info"]), {})[result["info"]["hospital"]] = result
+    columns: dict[str, dict] = {}
+    for result in results:
+        if result["info"]["hospital"] is None:
+            columns[result["info"]["run"]] = {None: result}
+            if (personalized := _variant(result["info"]["run"]) + OWN_MODEL) in own:
+                columns[personalized] = own.pop(personalized)
+    return {**columns, **own}  # personalized models whose variant has no global model last
+
+
+def _hospital_score(sources: dict, hospital: int, metric: str) -> float | None:
+    """One cell: a column's model for ``hospital`` scored on that hospital's test part."""
+    result = sources.get(hospital, sources.get(None))  # the hospital's own model, else the global one
+    if result is None:
+        return None
+    return (result["metrics"].get("by_hospital") or {}).get(str(hospital), {}).get(metric)
+
+
+def personalization_table(results: list[dict], parts: dict[int, np.ndarray] | None) -> pd.DataFrame | None:
+    """Per task and metric (`HOSPITAL_METRICS`), one row per hospital with a test part (its images, then a
+    column per model: `_columns`) and a row of the mean over hospitals (unweighted: each hospital counts
+    once, as each federated hospital would judge its model). None with fewer than two test parts: nothing
+    to compare across hospitals."""
+    if not parts or len(parts) < 2:
+        return None
+    rows, names = [], []
+    for task, metrics in HOSPITAL_METRICS.items():
+        columns = _columns([r for r in results if r["info"]["task"] == task and "by_hospital" in r["metrics"]])
+        if not columns:
+            continue
+        names += [c for c in columns if c not in names]
+        for metric in metrics:
+            cells = {k: {c: _hospital_score(sources, k, metric) for c, sources in columns.items()} for k in parts}
+            rows += [{"task": task, "metric": metric, "hospital": k, "test_images": len(parts[k]), **cells[k]}
+                     for k in parts]
+            rows.append({"task": task, "metric": metric, "hospital": MEAN_ROW,
+                         "test_images": sum(len(rows_k) for rows_k in parts.values()),
+                         **{c: defined_mean(cells[k][c] for k in parts) for c in columns}})
+    return pd.DataFrame(rows, columns=["task", "metric", "hospital", "test_images", *names]) if rows else None
+
+
+def _blocks(table: pd.DataFrame):
+    """(task, metric, its rows, its model columns with a value) per block of the personalization table."""
+    for (task, metric), block in table.groupby(["task", "metric"], sort=False):
+        yield task, metric, block, [c for c in table.columns[4:] if block[c].notna().any()]
+
+
+def personalization_markdown(table: pd.DataFrame) -> str:
+    lines = ["# Per-hospital test scores: personalized and global models", "",
+             "Each hospital's held-out test part (the partition's `test_hospital`; together the parts are the "
+             "common test split) scored by every global model (a column per run) and by the hospitals' "
+             f"own personalized models (`<variant>{OWN_MODEL}`: hospital k's row holds hospital k's model). "
+             f"`{MEAN_ROW}`: the unweighted mean of the hospitals' scores (of those with one). Segmentation: "
+             "mean Dice over the part's slices with tumour."]
+    for task, metric, block, models in _blocks(table):
+        columns = ["hospital", "test_images", *models]
+        lines += ["", f"## {task}: {metric}", "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+        lines += ["| " + " | ".join(_cell(row[c]) for c in columns) + " |" for _, row in block.iterrows()]
+    return "\n".join(lines) + "\n"
+
+
+def write_personalization(table: pd.DataFrame, out: Path) -> dict[str, Path]:
+    """personalization.csv/.md (atomic) and one grouped-bar plot per task: {task: plot}."""
+    markdown = personalization_markdown(table)
+    _write_text(out / "personalization.md", markdown)
+    _write_text(out / "personalization.csv", table.to_csv(index=False))
+    figures = {}
+    for task in table["task"].unique():
+        panels, groups = {}, None
+        for block_task, metric, block, models in _blocks(table):
+            if block_task != task:
+                continue
+            groups = [f"hospital {h}\n({n} images)" if h != MEAN_ROW else "mean over\nhospitals"
+                      for h, n in zip(block["hospital"], block["test_images"])]
+            panels[metric] = {c: [None if pd.isna(v) else float(v) for v in block[c]] for c in models}
+        if (figure := plot_personalization(panels, groups, f"{task}: each hospital's held-out test part",
+                                           out / "plots" / f"personalization_{task}.png")) is not None:
+            figures[task] = figure
+    return figures
 
 
 def audit_classifier(model, membership, test_proba: np.ndarray, test: Split, info: dict, settings: dict) -> dict:
@@ -325,11 +479,14 @@ def _temperature(model, val: Split | None, batch_size: int) -> dict:
 
 def evaluate_model(path: Path, models: Path, test: Split, classes: list[str], settings: dict, plots: Path,
                    membership: membership_audit.MembershipSample | dict | None = None,
-                   val: Split | None = None, reference: scores.Reference | None = None) -> dict:
+                   val: Split | None = None, reference: scores.Reference | None = None,
+                   parts: dict[int, np.ndarray] | None = None) -> dict:
     """One model's test metrics and plots; with ``membership`` (a sample, or why there is none) also
     its membership audit (``result["audit"]``, classifiers only). ``val``: the validation split, to fit
     a classifier's temperature when its card has none. ``reference``: the test split's original masks
-    and sites (`segmentation_scores.load_reference`); without it a segmenter is scored on the processed ones."""
+    and sites (`segmentation_scores.load_reference`); without it a segmenter is scored on the processed ones.
+    ``parts``: each hospital's test part as positions in ``test`` (`hospital_test_parts`); with them the
+    metrics hold ``by_hospital`` (`hospital_scores`)."""
     import tensorflow as tf
 
     from fedbrain.train import load_card
@@ -381,6 +538,8 @@ def evaluate_model(path: Path, models: Path, test: Split, classes: list[str], se
                                        run_plots / "overlays.png"))
     if info["history"]:
         artifacts.append(plot_history(info["history"], title, run_plots / "training_curves.png"))
+    if parts:
+        metrics["by_hospital"] = hospital_scores(info["task"], test, proba, parts, settings["threshold"])
     result = {"info": info, "metrics": _clean(metrics), "artifacts": [a for a in artifacts if a is not None]}
     return result if audit is None else {**result, "audit": audit}
 
@@ -413,8 +572,10 @@ def run(params: dict, processed: Path, partition: Path, models: Path, out: Path)
     paths = discover(models)
     val = load_split(processed, partition, "val")  # for temperatures no card holds
     reference = None if test.masks is None else scores.load_reference(processed, test)  # read once for all models
-    results = [evaluate_model(path, models, test, classes, settings, out / "plots", membership, val, reference)
-               for path in paths]
+    parts = hospital_test_parts(partition)  # None: a partition written before hospitals had test parts
+    scored_parts = parts if parts and len(parts) >= 2 else None  # one hospital: nothing to compare across
+    results = [evaluate_model(path, models, test, classes, settings, out / "plots", membership, val, reference,
+                              scored_parts) for path in paths]
 
     scalars, details, rows = {}, {}, []
     for result in results:
@@ -424,7 +585,7 @@ def run(params: dict, processed: Path, partition: Path, models: Path, out: Path)
                                 "membership_audit": _without_curves(audit)}
         rows.append({"run": info["run"], "training": info["training"], "model": info["model"], "task": info["task"],
                      "privacy": info["privacy"], "epsilon": info["epsilon"], "delta": info["delta"],
-                     "aggregation": info["aggregation"],
+                     "aggregation": info["aggregation"], "personalization": info["personalization"],
                      "accuracy": metrics.get("accuracy"), "macro_f1": metrics.get("macro_f1"),
                      "roc_auc": metrics.get("roc_auc"), **{c: metrics.get(c, info.get(c)) for c in RELIABILITY_COLUMNS},
                      "dice": metrics.get("dice"), "hd95": metrics.get("hd95"),
@@ -449,6 +610,20 @@ def run(params: dict, processed: Path, partition: Path, models: Path, out: Path)
             if result["audit"]["status"] == "audited":
                 result["artifacts"].append(figure)
     audit_seconds += time.perf_counter() - plotted
+    personal = personalization_table(results, scored_parts)
+    if personal is not None:
+        for task, figure in write_personalization(personal, out).items():
+            for result in results:
+                if result["info"]["task"] == task and "by_hospital" in result["metrics"]:
+                    result["artifacts"].append(figure)
+    else:  # the files say why there is no table (DVC expects them); a previous evaluation's plots go
+        no_table = ("was written before hospitals had test parts (re-run: dvc repro partition)" if parts is None
+                    else f"has test parts for {len(parts)} hospital(s), fewer than 2")
+        _write_text(out / "personalization.md", f"# Per-hospital test scores\n\nNone: {partition / 'splits.parquet'} "
+                                                f"{no_table}.\n")
+        _write_text(out / "personalization.csv", "task,metric,hospital,test_images\n")
+        for stale in (out / "plots").glob("personalization_*.png"):
+            stale.unlink(missing_ok=True)
     table = pd.DataFrame(rows, columns=COMPARISON_COLUMNS)
     _write_text(out / "metrics.json", json.dumps(scalars, indent=2) + "\n")
     write_headlines(out / "headline", {r["info"]["run"]: headline(r["info"]["task"], scalars[r["info"]["run"]])
@@ -468,15 +643,27 @@ def run(params: dict, processed: Path, partition: Path, models: Path, out: Path)
             info = result["info"]
             tags = {"task": info["task"], "model": info["model"], "training": info["training"],
                     "privacy": str(info["privacy"])}
-            run_id = tracking.log_to_run(params, info["run_id"], f"evaluate-{info['run']}", tags,
+            run_id = info["run_id"]
+            if info["hospital"] is not None:
+                # A hospital's own model: an evaluation run of its own, even if its card names a run
+                # (the federated run's test metrics are the global model's).
+                tags.update(personalization=str(info["personalization"]), hospital=str(info["hospital"]))
+                run_id = None
+            run_id = tracking.log_to_run(params, run_id, f"evaluate-{info['run']}", tags,
                                          scalars[info["run"]], result["artifacts"] + [out / "metrics.json"])
             evaluated.append({**info, "run_id": run_id, "path": path, "metrics": result["metrics"]})
         if settings["register"]:
             from fedbrain import registry
 
-            registry.register(params, evaluated)
+            # Only the consortium's models compete for champion; a hospital's own model is not one of them.
+            registry.register(params, [m for m in evaluated if m["hospital"] is None])
     print(f"evaluate: {len(results)} model(s) on {len(test)} test images -> {out / 'comparison.md'}")
     print(markdown.split("\n\n", 2)[-1])
+    if personal is not None:
+        print(f"per hospital -> {out / 'personalization.md'}")
+        print(personalization_markdown(personal).split("\n\n", 2)[-1])
+    elif any(r["info"]["hospital"] is not None for r in results):
+        print(f"personalization: no per-hospital table: {partition / 'splits.parquet'} {no_table}")
     if reference is not None:
         print(f"segmentation scored per patient at {reference.source}")
     for result in results:

@@ -18,6 +18,11 @@ Steps (each a pure function over the index DataFrame, so tests need no image arr
    A hospital's val part comes from the same scheme as its train part (same site mapping; for
    dirichlet the same seed, so the per-label proportions drawn are the same unless flwr had to
    redraw the train part), so each hospital validates on data like its own.
+   The test split stays one common held-out split (``hospital`` -1), and is also dealt, by the same
+   scheme, into one held-out test part per hospital (``test_hospital``): a partition of the test
+   split, groups whole, so a hospital's own model can be scored on data like its own (evaluate's
+   personalization table). Test rows no hospital takes (too few test groups for dirichlet, or
+   `leave_site_out`'s held-out institution) have ``test_hospital`` -1.
 
 `leave_site_out` builds another partition of the same shape for benchmarks: one institution's
 patients all test, the others' train/val across hospitals by site (bench/segmenter_sites.py).
@@ -45,7 +50,9 @@ REQUIRED = ("row", "image_id", "patient_id", "site", "label", "label_index", "co
 # Split granularity: the groups are dealt into this many stratified folds (about 5% each) and
 # val/test take whole folds; fewer folds when there are fewer groups.
 FOLDS = 20
-TEST_HOSPITAL = -1
+TEST_HOSPITAL = -1  # `hospital` of a test row: the common test split is held out centrally
+NO_TEST_PART = -1  # `test_hospital` of a train/val row, and of a test row no hospital's test part takes
+COLUMNS = ["row", "image_id", "patient_id", "site", "label", "label_index", "split", "hospital", "test_hospital"]
 
 
 @dataclass(frozen=True)
@@ -246,32 +253,53 @@ def site_hospitals(index: pd.DataFrame, groups: pd.Series, hospitals: int) -> di
     return mapping
 
 
+def _part_assignment(index: pd.DataFrame, groups: pd.Series, labels: pd.Series, rows: pd.Series, part: str,
+                     settings: PartitionSettings, mapping: dict[str, int]) -> dict[str, int]:
+    """{group: hospital} for the groups of one split part, by the settings' scheme."""
+    part_groups = groups[rows]
+    if settings.scheme == "site":
+        return dict(zip(part_groups, index.loc[rows, "site"].map(mapping)))
+    if settings.scheme == "iid":
+        return iid_hospitals(part_groups.unique().tolist(), settings.hospitals, settings.seed)
+    unique = pd.DataFrame({"group": part_groups.unique()})
+    if part == "test" and len(unique) < settings.hospitals:
+        # Too few test groups to draw a share for every hospital: no test parts. The common test
+        # split is unaffected, and it is only evaluate's per-hospital table that needs them; failing
+        # the stage for it would stop a pipeline that trains and evaluates fine.
+        return {}
+    unique["label_index"] = labels.loc[unique["group"]].to_numpy()
+    return dirichlet_hospitals(unique, settings.hospitals, settings.alpha, settings.seed,
+                               min_size=1 if part == "train" else 0, part=part)
+
+
 def assign_hospitals(index: pd.DataFrame, split: pd.Series, settings: PartitionSettings
-                     ) -> tuple[pd.Series, dict[int, list[str]]]:
-    """Hospital per row (-1 for test) and, for the site scheme, the sites that make each hospital."""
+                     ) -> tuple[pd.Series, pd.Series, dict[int, list[str]]]:
+    """(hospital per row, -1 for test; test_hospital per row: the hospital whose held-out test part a
+    test row is in, -1 for train/val rows and test rows no hospital takes; for the site scheme, the
+    sites that make each hospital).
+
+    Every part is dealt by the same scheme (site mapping; iid and dirichlet with the same seed, the
+    test part with min_size 0 as val), so a hospital's val and test parts look like its train part.
+    """
     groups = group_ids(index)
     hospital = pd.Series(TEST_HOSPITAL, index=index.index, name="hospital", dtype="int64")
+    test_hospital = pd.Series(NO_TEST_PART, index=index.index, name="test_hospital", dtype="int64")
     sites: dict[int, list[str]] = {}
+    mapping: dict[str, int] = {}
     if settings.scheme == "site":
         mapping = site_hospitals(index, groups, settings.hospitals)
         sites = {k: sorted(s for s, h in mapping.items() if h == k) for k in range(settings.hospitals)}
     labels = group_labels(index, groups)
-    for part in ("train", "val"):
+    for part in SPLITS:
         rows = split == part
-        part_groups = groups[rows]
-        if settings.scheme == "site":
-            assignment = dict(zip(part_groups, index.loc[rows, "site"].map(mapping)))
-        elif settings.scheme == "iid":
-            assignment = iid_hospitals(part_groups.unique().tolist(), settings.hospitals, settings.seed)
-        else:
-            unique = pd.DataFrame({"group": part_groups.unique()})
-            unique["label_index"] = labels.loc[unique["group"]].to_numpy()
-            assignment = dirichlet_hospitals(unique, settings.hospitals, settings.alpha, settings.seed,
-                                             min_size=1 if part == "train" else 0, part=part)
-        hospital[rows] = part_groups.map(assignment).astype("int64")
+        assignment = _part_assignment(index, groups, labels, rows, part, settings, mapping)
+        if part == "test":  # a test row no hospital takes stays in the common test split only
+            test_hospital[rows] = groups[rows].map(assignment).fillna(NO_TEST_PART).astype("int64")
+            continue
+        hospital[rows] = groups[rows].map(assignment).astype("int64")
         if part == "train":  # before val, so the error names the real problem
             _check_training_examples(hospital[rows], settings)
-    return hospital, sites
+    return hospital, test_hospital, sites
 
 
 def _check_training_examples(train_hospitals: pd.Series, settings: PartitionSettings) -> None:
@@ -307,7 +335,7 @@ def partition_index(index: pd.DataFrame, classes: list[str], settings: Partition
     _check_index(index, classes)
     kept, duplicates, conflicts = drop_duplicates(index)
     kept["split"] = split_groups(kept, settings)
-    kept["hospital"], sites = assign_hospitals(kept, kept["split"], settings)
+    kept["hospital"], kept["test_hospital"], sites = assign_hospitals(kept, kept["split"], settings)
     return checked_report(index, kept, classes, settings, sites, duplicates, conflicts)
 
 
@@ -323,8 +351,8 @@ def _check_index(index: pd.DataFrame, classes: list[str]) -> None:
 
 def checked_report(index: pd.DataFrame, kept: pd.DataFrame, classes: list[str], settings: PartitionSettings,
                    sites: dict[int, list[str]], duplicates: int, conflicts: int) -> tuple[pd.DataFrame, dict]:
-    """The split table and report of ``kept`` (split and hospital set), after checking that no
-    patient or pixel-identical image is in two splits or two hospitals."""
+    """The split table and report of ``kept`` (split, hospital and test_hospital set), after checking
+    that no patient or pixel-identical image is in two splits, two hospitals or two hospitals' test parts."""
     groups = group_ids(kept)
     spread = groups.groupby(kept["split"].to_numpy()).unique()
     seen: set[str] = set()
@@ -334,6 +362,12 @@ def checked_report(index: pd.DataFrame, kept: pd.DataFrame, classes: list[str], 
         seen |= set(members)
     if (groups.groupby(kept["hospital"].to_numpy()).unique().explode().duplicated()).any():
         raise RuntimeError("partition: a patient/image group landed in two hospitals (bug in assign_hospitals)")
+    is_test = kept["split"] == "test"
+    if (kept.loc[~is_test, "test_hospital"] != NO_TEST_PART).any():
+        raise RuntimeError("partition: a train/val row has a test_hospital (bug in assign_hospitals)")
+    if (groups[is_test].groupby(kept.loc[is_test, "test_hospital"].to_numpy()).unique().explode().duplicated()).any():
+        raise RuntimeError("partition: a patient/image group landed in two hospitals' test parts "
+                           "(bug in assign_hospitals)")
     leaks = leakage(kept)
     leakage_free = not any(leaks.values())
     if not leakage_free:
@@ -342,6 +376,7 @@ def checked_report(index: pd.DataFrame, kept: pd.DataFrame, classes: list[str], 
     has_patients = kept["patient_id"].notna()
     hospitals = range(settings.hospitals)
     part = {s: kept[kept["split"] == s] for s in SPLITS}
+    held = {"train": "hospital", "val": "hospital", "test": "test_hospital"}  # which column says whose a row is
     report = {
         "scheme": settings.scheme,
         "seed": settings.seed,
@@ -359,11 +394,12 @@ def checked_report(index: pd.DataFrame, kept: pd.DataFrame, classes: list[str], 
         "groups_per_split": {s: int(groups[kept["split"] == s].nunique()) for s in SPLITS},
         "fraction_per_split": {s: round(len(part[s]) / len(kept), 4) for s in SPLITS},
         "label_counts": {s: _label_counts(part[s], classes) for s in SPLITS},
+        # test: each hospital's held-out test part (test_hospital), a partition of the common test split
         "hospital_label_counts": {
-            s: {str(k): _label_counts(part[s][part[s]["hospital"] == k], classes) for k in hospitals}
-            for s in ("train", "val")},
-        "hospital_sizes": {s: {str(k): int((part[s]["hospital"] == k).sum()) for k in hospitals}
-                           for s in ("train", "val")},
+            s: {str(k): _label_counts(part[s][part[s][held[s]] == k], classes) for k in hospitals}
+            for s in SPLITS},
+        "hospital_sizes": {s: {str(k): int((part[s][held[s]] == k).sum()) for k in hospitals}
+                           for s in SPLITS},
         # site scheme: the institutions assigned to each hospital; otherwise the sites that happen
         # to be present in the hospital's data (empty without a site column).
         "sites_per_hospital": {
@@ -371,40 +407,43 @@ def checked_report(index: pd.DataFrame, kept: pd.DataFrame, classes: list[str], 
             sorted(kept.loc[kept["hospital"] == k, "site"].dropna().astype(str).unique().tolist())
             for k in hospitals},
         "hospitals_without_val": [k for k in hospitals if not (part["val"]["hospital"] == k).any()],
+        "hospitals_without_test": [k for k in hospitals if not (part["test"]["test_hospital"] == k).any()],
+        "test_without_hospital": int((part["test"]["test_hospital"] == NO_TEST_PART).sum()),
         "leakage_free": leakage_free,
         "leakage_check": leaks,
     }
-    columns = ["row", "image_id", "patient_id", "site", "label", "label_index", "split", "hospital"]
-    table = kept[columns + ["content_hash"]].sort_values("row", kind="stable").reset_index(drop=True)
+    table = kept[COLUMNS + ["content_hash"]].sort_values("row", kind="stable").reset_index(drop=True)
     return table, report
 
 
 # --- files ---------------------------------------------------------------------------------------
 
 def plot_label_counts(report: dict, classes: list[str], path: Path) -> None:
-    """Stacked bars: label counts per hospital, train and val side by side."""
+    """Stacked bars: label counts per hospital, train, val and held-out test part side by side."""
     from matplotlib.figure import Figure  # no pyplot: no global backend state, Agg canvas
 
-    fig = Figure(figsize=(5 + 1.2 * report["hospitals"], 4.5), layout="constrained")
-    axes = fig.subplots(1, 2)  # own y scales: val is ~5x smaller than train
+    fig = Figure(figsize=(6 + 1.8 * report["hospitals"], 4.5), layout="constrained")
+    axes = fig.subplots(1, len(SPLITS))  # own y scales: val and test are ~5x smaller than train
     names = []
     for k in range(report["hospitals"]):
         sites = report["sites_per_hospital"][str(k)]
         suffix = f"\n({', '.join(sites)})" if report["scheme"] == "site" and sites else ""
         names.append(f"hospital {k}{suffix}")
     colours = [f"C{i % 10}" for i in range(len(classes))]
-    for ax, part in zip(axes, ("train", "val")):
+    for ax, part in zip(axes, SPLITS):
         counts = report["hospital_label_counts"][part]
         bottom = np.zeros(len(names))
         for c, name in enumerate(classes):
             values = np.array([counts[str(k)][name] for k in range(len(names))])
             ax.bar(names, values, bottom=bottom, label=name, color=colours[c])
             bottom += values
-        ax.set_title(f"{part} ({int(bottom.sum())} images)")
+        # A test row no hospital takes is still in the common test split: say how many the parts hold.
+        of = f" of {report['n_per_split'][part]}" if int(bottom.sum()) != report["n_per_split"][part] else ""
+        ax.set_title(f"{'test parts' if part == 'test' else part} ({int(bottom.sum())}{of} images)")
         ax.set_xlabel("hospital")
         ax.tick_params(axis="x", labelsize=8)
     axes[0].set_ylabel("images")
-    axes[1].legend(title="label", fontsize=8)
+    axes[-1].legend(title="label", fontsize=8)
     detail = f", alpha={report['alpha']}" if report["scheme"] == "dirichlet" else ""
     fig.suptitle(f"Label counts per hospital (scheme {report['scheme']}{detail}, seed {report['seed']})")
     fig.savefig(path, dpi=100)
@@ -420,9 +459,8 @@ def headline(report: dict) -> dict:
 def write_partition(out: Path, table: pd.DataFrame, report: dict, classes: list[str]) -> None:
     """All files into a temp dir next to `out`, then renamed over it: never half-written."""
     with replaced_folder(out) as tmp:
-        columns = ["row", "image_id", "patient_id", "site", "label", "label_index", "split", "hospital"]
-        table[columns].to_parquet(tmp / "splits.parquet", index=False)
-        for k in range(report["hospitals"]):
+        table[COLUMNS].to_parquet(tmp / "splits.parquet", index=False)
+        for k in range(report["hospitals"]):  # train and val only: the test parts stay central (test_hospital)
             held = table[table["hospital"] == k]
             hospital_dir(tmp, k).mkdir()
             held[["row", "split", "label_index", "image_id"]].to_parquet(
@@ -454,7 +492,8 @@ def run(params: dict, processed: Path, out: Path) -> dict:
 def leave_site_out(index: pd.DataFrame, classes: list[str], site: str, seed: int = 42,
                    val_fraction: float = 0.15) -> tuple[pd.DataFrame, dict]:
     """A partition that tests on an institution no model has seen (same table and report as
-    `partition_index`, so `write_partition` and every trainer read it unchanged).
+    `partition_index`, so `write_partition` and every trainer read it unchanged; ``test_hospital`` is
+    -1 throughout: the held-out institution is no hospital's own test data).
 
     Every patient of ``site`` is test. The other institutions' patients are split train/val by
     patient (seeded, stratified by site x label as `split_groups` does), and each institution with
@@ -493,8 +532,9 @@ def leave_site_out(index: pd.DataFrame, classes: list[str], site: str, seed: int
     settings = PartitionSettings(seed=seed, val_fraction=val_fraction, test_fraction=float(held_out.mean()),
                                  hospitals=max(1, int((training_sites >= 2).sum())), scheme="site")
     hospital = pd.Series(TEST_HOSPITAL, index=kept.index, name="hospital", dtype="int64")
-    hospital[~held_out], sites = assign_hospitals(rest, split[~held_out], settings)
-    kept["split"], kept["hospital"] = split, hospital
+    hospital[~held_out], _, sites = assign_hospitals(rest, split[~held_out], settings)
+    # The test split is one institution no hospital is: no hospital has a test part of it.
+    kept["split"], kept["hospital"], kept["test_hospital"] = split, hospital, NO_TEST_PART
     table, report = checked_report(index, kept, classes, settings, sites, duplicates, conflicts)
     report["left_out_site"] = site
     report["stratified_by"] = f"site x label among the other sites; all of {site} is test"

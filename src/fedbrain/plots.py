@@ -1,6 +1,7 @@
 """evaluate's figures: confusion matrix, ROC, training curves, segmentation overlays, Dice per site,
-federated rounds, privacy vs utility, membership-inference ROC. Each takes what it draws and a path, writes a PNG and
-returns the path (None when there is nothing to draw).
+federated rounds, privacy vs utility, membership-inference ROC, per-hospital scores of personalized and
+global models. Each takes what it draws and a path, writes a PNG and returns the path (None when there
+is nothing to draw).
 """
 
 from __future__ import annotations
@@ -231,4 +232,34 @@ def plot_dice_by_site(metrics: dict, title: str, path: Path) -> Path | None:
     ax.set_ylabel("Dice per patient")
     ax.set_title(f"{title}: Dice by institution ({metrics.get('dice_native_source')})", fontsize=8)
     ax.legend(fontsize=7, loc="lower right")
+    return save(fig, path)
+
+
+def plot_personalization(panels: dict[str, dict[str, list[float | None]]], groups: list[str], title: str,
+                         path: Path) -> Path | None:
+    """Grouped bars, a panel per metric: a group per hospital's held-out test part (the last group the
+    mean over hospitals), a bar per model in each (``panels[metric][model]``: one value per group; a
+    missing score leaves its slot empty)."""
+    if not panels or not any(panels.values()):
+        return None
+    models = list(dict.fromkeys(m for series in panels.values() for m in series))
+    x = np.arange(len(groups), dtype=float)
+    width = 0.8 / len(models)
+    fig = figure(max(5.0, (1.0 + 0.22 * len(models)) * len(groups)) * len(panels), 4.6)
+    axes = np.atleast_1d(fig.subplots(1, len(panels)))
+    for ax, (metric, series) in zip(axes, panels.items()):
+        for j, model in enumerate(models):  # the same colour for a model in every panel
+            values = series.get(model, [None] * len(groups))
+            bars = ax.bar(x - 0.4 + width * (j + 0.5), [np.nan if v is None else v for v in values], width,
+                          color=f"C{j % 10}", label=model)
+            # the value on each bar: a score of 0 is then told apart from a missing one
+            ax.bar_label(bars, ["" if v is None else f"{v:.2f}" for v in values], fontsize=6, rotation=90,
+                         padding=2)
+        ax.axvline(len(groups) - 1.5, color="grey", linestyle=":", linewidth=0.8)  # the mean is no hospital
+        ax.set_xticks(x, groups, fontsize=8)
+        ax.set_ylim(0, 1.15)  # room for the label of a perfect score
+        ax.set_ylabel(f"test {metric}")
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncols=min(3, len(models)), fontsize=7)
+    fig.suptitle(title, fontsize=9)
     return save(fig, path)

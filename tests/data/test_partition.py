@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from fedbrain import partition
-from fedbrain.dataset import hospital_dir, load_split
+from fedbrain.dataset import hospital_dir, hospital_test_parts, load_split
 from fedbrain.errors import InputError
 from fedbrain.partition import PartitionSettings, drop_duplicates, partition_index, site_hospitals
 
@@ -58,10 +58,11 @@ def settings(**overrides) -> PartitionSettings:
 
 
 def assert_groups_whole(table: pd.DataFrame, column: str) -> None:
-    """No value of `column` in two splits, nor in two hospitals."""
+    """No value of `column` in two splits, nor in two hospitals, nor in two hospitals' test parts."""
     present = table[table[column].notna()]
     assert (present.groupby(column)["split"].nunique() == 1).all()
     assert (present.groupby(column)["hospital"].nunique() == 1).all()
+    assert (present.groupby(column)["test_hospital"].nunique() == 1).all()
 
 
 # --- duplicates ----------------------------------------------------------------------------------
@@ -196,6 +197,68 @@ def test_dirichlet_empty_hospital_names_it_and_suggests_alpha():
         partition_index(index, FOUR, settings(scheme="dirichlet", alpha=0.01, hospitals=12))
 
 
+# --- each hospital's held-out test part ---------------------------------------------------------
+
+def assert_test_parts_partition_the_test_split(table: pd.DataFrame, hospitals: int) -> None:
+    """Every test row in at most one hospital's part, no train/val row in any, groups whole."""
+    test = table["split"] == "test"
+    assert (table.loc[~test, "test_hospital"] == -1).all()
+    assert set(table.loc[test, "test_hospital"]) <= set(range(-1, hospitals))
+    assert (table.loc[test, "hospital"] == -1).all()  # the common test split is still held out centrally
+    groups = partition.group_ids(table[test])  # a patient (or image) in one hospital's test part at most
+    assert (table[test].groupby(groups.to_numpy())["test_hospital"].nunique() == 1).all()
+
+
+@pytest.mark.parametrize("scheme", ["iid", "dirichlet"])
+def test_test_parts_partition_the_test_split_by_patient(scheme):
+    index = patients({"AA": 40, "BB": 30}, slices=4)
+    table, report = partition_index(index, BINARY, settings(scheme=scheme))
+    assert_test_parts_partition_the_test_split(table, 3)
+    test = table[table["split"] == "test"]
+    # Nothing is taken from train/val: the parts together are the common test split.
+    assert sum(report["hospital_sizes"]["test"].values()) + report["test_without_hospital"] == len(test)
+    assert report["test_without_hospital"] == 0 and report["hospitals_without_test"] == []
+    for k in range(3):
+        part = test[test["test_hospital"] == k]
+        assert report["hospital_sizes"]["test"][str(k)] == len(part)
+        assert sum(report["hospital_label_counts"]["test"][str(k)].values()) == len(part)
+    if scheme == "iid":  # dealt evenly, like train and val
+        per_hospital = test.groupby("test_hospital")["patient_id"].nunique()
+        assert per_hospital.max() - per_hospital.min() <= 1
+
+
+def test_dirichlet_test_parts_follow_their_hospitals_label_skew_and_are_seeded():
+    index = images(1200)
+    table, _ = partition_index(index, FOUR, settings(scheme="dirichlet", alpha=0.3))
+    assert_test_parts_partition_the_test_split(table, 3)
+    train, test = table[table["split"] == "train"], table[table["split"] == "test"]
+
+    def share(rows):
+        return rows["label"].value_counts(normalize=True).reindex(FOUR, fill_value=0)
+
+    # The same seed draws the same per-label proportions: each hospital's test part looks like its
+    # own train part (total variation distance), far more than like another hospital's.
+    for k in range(3):
+        own = share(train[train["hospital"] == k])
+        distance = {j: 0.5 * (own - share(test[test["test_hospital"] == j])).abs().sum() for j in range(3)}
+        assert distance[k] < 0.2 and distance[k] < min(d for j, d in distance.items() if j != k), (k, distance)
+    again, _ = partition_index(index, FOUR, settings(scheme="dirichlet", alpha=0.3))
+    assert again["test_hospital"].equals(table["test_hospital"])
+    other, _ = partition_index(index, FOUR, settings(scheme="dirichlet", alpha=0.3, seed=8))
+    assert not other["test_hospital"].equals(table["test_hospital"])
+
+
+def test_dirichlet_with_fewer_test_groups_than_hospitals_has_no_test_parts():
+    # One fold of 40 images is the test split: too few images to draw a share for 5 hospitals. The
+    # stage still writes its partition (val and train are large enough); only the test parts are absent.
+    index = images(40, seed=2)
+    table, report = partition_index(index, FOUR, settings(scheme="dirichlet", alpha=100.0, hospitals=5,
+                                                          val_fraction=0.4, test_fraction=0.05))
+    test = table["split"] == "test"
+    assert 0 < test.sum() < 5 and (table["test_hospital"] == -1).all()
+    assert report["hospitals_without_test"] == [0, 1, 2, 3, 4] and report["test_without_hospital"] == test.sum()
+
+
 def test_site_bin_packing_merges_the_smallest_sites():
     index = patients({"AA": 10, "BB": 6, "CC": 3, "DD": 1}, slices=2)
     groups = partition.group_ids(index)
@@ -212,6 +275,12 @@ def test_site_scheme_gives_whole_institutions_and_records_them():
     assert (held.groupby("site")["hospital"].nunique() == 1).all()
     for k, sites in report["sites_per_hospital"].items():
         assert set(held.loc[held["hospital"] == int(k), "site"]) == set(sites)
+    # Each hospital's held-out test part is its own institutions' test patients.
+    test = table[table["split"] == "test"]
+    assert_test_parts_partition_the_test_split(table, 3)
+    assert (test["test_hospital"] >= 0).all()
+    for k, sites in report["sites_per_hospital"].items():
+        assert set(test.loc[test["test_hospital"] == int(k), "site"]) == set(sites)
 
 
 def test_site_scheme_errors_suggest_other_schemes():
@@ -283,8 +352,9 @@ def test_run_writes_the_contract_load_split_reads(tmp_path):
     assert (out / "label_counts.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     splits = pd.read_parquet(out / "splits.parquet")
     assert list(splits.columns) == ["row", "image_id", "patient_id", "site", "label", "label_index", "split",
-                                    "hospital"]
+                                    "hospital", "test_hospital"]
     assert (splits.loc[splits["split"] == "test", "hospital"] == -1).all()
+    assert (splits.loc[splits["split"] != "test", "test_hospital"] == -1).all()
     for k in range(2):
         held = pd.read_parquet(hospital_dir(out, k) / "index.parquet")
         assert list(held.columns) == ["row", "split", "label_index", "image_id"]
@@ -296,7 +366,35 @@ def test_run_writes_the_contract_load_split_reads(tmp_path):
             assert (split.images[:, 0, 0, 0] == held.loc[held["split"] == part, "row"].to_numpy()).all()
     pooled = load_split(processed, out, "train")
     assert len(pooled) == report["n_per_split"]["train"] == sum(report["hospital_sizes"]["train"].values())
-    assert set(pooled.patient_ids).isdisjoint(load_split(processed, out, "test").patient_ids)
+    test = load_split(processed, out, "test")
+    assert set(pooled.patient_ids).isdisjoint(test.patient_ids)
+    # Each hospital's held-out test part: its test_hospital rows, at the positions hospital_test_parts gives.
+    parts = hospital_test_parts(out)
+    assert sorted(parts) == [0, 1]
+    assert sorted(np.concatenate(list(parts.values()))) == list(range(len(test)))  # a partition of the test split
+    for k in range(2):
+        part = load_split(processed, out, "test", hospital=k)
+        rows = splits.loc[(splits["split"] == "test") & (splits["test_hospital"] == k), "row"].to_numpy()
+        assert len(part) == report["hospital_sizes"]["test"][str(k)] > 0
+        assert (part.images[:, 0, 0, 0] == rows).all()
+        assert part.image_ids == [test.image_ids[i] for i in parts[k]]
+        assert (part.labels == test.labels[parts[k]]).all()
+    with pytest.raises(InputError, match="has no hospital 5"):
+        load_split(processed, out, "test", hospital=5)
+
+
+def test_a_splits_file_without_test_parts_says_to_rerun_the_partition(tmp_path):
+    index = images(60)
+    processed = _processed(tmp_path, index, FOUR)
+    out = tmp_path / "partition"
+    partition.run({"partition": {"seed": 3, "val_fraction": 0.15, "test_fraction": 0.15, "hospitals": 2,
+                                 "scheme": "iid"}}, processed, out)
+    # As the partition stage wrote it before hospitals had test parts.
+    pd.read_parquet(out / "splits.parquet").drop(columns="test_hospital").to_parquet(out / "splits.parquet")
+    with pytest.raises(InputError, match=r"splits.parquet: has no test_hospital column.*dvc repro partition"):
+        load_split(processed, out, "test", hospital=0)
+    assert hospital_test_parts(out) is None  # evaluate then makes no per-hospital table
+    assert len(load_split(processed, out, "test")) > 0 and len(load_split(processed, out, "train", hospital=0)) > 0
 
 
 def test_failed_write_keeps_the_previous_partition_and_leaves_no_temp(tmp_path, monkeypatch):
@@ -340,6 +438,9 @@ def test_leave_site_out_keeps_every_patient_of_the_site_out_of_training(tmp_path
     test = table[table["split"] == "test"]
     held = table[table["split"] != "test"]
     assert set(test["site"]) == {left_out} and (test["hospital"] == -1).all()
+    # The held-out institution is no hospital's own test data.
+    assert (table["test_hospital"] == -1).all()
+    assert report["hospitals_without_test"] == [0, 1] and report["test_without_hospital"] == len(test)
     assert len(test) == (index["site"] == left_out).sum()  # all of its patients: nothing dropped
     assert left_out not in set(held["site"]) and set(held["split"]) == {"train", "val"}
     assert set(held["patient_id"]).isdisjoint(test["patient_id"])

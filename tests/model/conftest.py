@@ -22,7 +22,9 @@ SIZE = 32
 
 
 def make_dataset(root: Path, classes: list[str], channels: int, has_masks: bool, per_class: int = 12,
-                 seed: int = 0) -> tuple[Path, Path]:
+                 seed: int = 0, test_parts: int = 0) -> tuple[Path, Path]:
+    """``test_parts``: how many hospitals get a held-out test part (splits.parquet's test_hospital); 0
+    writes splits.parquet as the partition stage did before test parts existed (no such column)."""
     rng = np.random.default_rng(seed)
     n = per_class * len(classes)
     labels = np.repeat(np.arange(len(classes)), per_class)
@@ -52,6 +54,8 @@ def make_dataset(root: Path, classes: list[str], channels: int, has_masks: bool,
     split = np.where(pos < per_class - 4, "train", np.where(pos < per_class - 2, "val", "test"))
     hospital = np.where(split == "test", -1, pos % 2)
     splits = index.assign(site=None, split=split, hospital=hospital)
+    if test_parts:  # by label, as a label-skewed partition would (and a patient stays in one part)
+        splits["test_hospital"] = np.where(split == "test", labels % test_parts, -1)
     splits.to_parquet(partition / "splits.parquet")
     for k in (0, 1):
         hdir = partition / f"hospital_{k}"
@@ -63,6 +67,14 @@ def make_dataset(root: Path, classes: list[str], channels: int, has_masks: bool,
 @pytest.fixture
 def classification_data(tmp_path):
     return make_dataset(tmp_path / "cls", ["glioma", "meningioma", "notumor", "pituitary"], 1, False)
+
+
+@pytest.fixture
+def classification_with_test_parts(tmp_path):
+    """The classification set with a held-out test part for each of ``test_parts`` hospitals (by label:
+    with 2, hospital 0 holds the test images of classes 0 and 2, hospital 1 those of classes 1 and 3)."""
+    return lambda test_parts: make_dataset(tmp_path / "cls", ["glioma", "meningioma", "notumor", "pituitary"], 1,
+                                           False, test_parts=test_parts)
 
 
 @pytest.fixture

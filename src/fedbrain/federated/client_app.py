@@ -30,11 +30,12 @@ from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import fixedclipping_mod
 from flwr.common.differential_privacy_constants import KEY_CLIPPING_NORM
 
+from fedbrain.federated import personal
 from fedbrain.federated.encrypted import TOTAL, EncryptionSettings, HospitalCipher
 from fedbrain.federated.phases import Phases, fit_timer
 from fedbrain.federated.task import (CALIBRATION_WEIGHT_KEY, PREVIOUS_STATISTICS, STATISTICS, VAL_WEIGHT_KEY,
                                     WEIGHT_KEY, RunSettings, batch_norm_statistics, build, evaluate_locally,
-                                    hospital_data, returned_epoch, set_batch_norm_statistics, train_locally,
+                                    hospital_examples, returned_epoch, set_batch_norm_statistics, train_locally,
                                     trainable_positions, weights_of, weights_record)
 from fedbrain.federated.update_checks import check_values
 from fedbrain.privacy.budget import HospitalPrivacy
@@ -64,6 +65,8 @@ _MODELS: dict[int, object] = {}
 _RECEIVED: dict[int, tuple[int, list]] = {}
 # privacy.mode example: this hospital's DP-SGD plan for the run (its noise, fixed at the first message).
 _PRIVACY: dict[int, HospitalPrivacy] = {}
+# federated.personalization: the layers this hospital keeps as its own over the run (personal.py).
+_PERSONAL: dict[int, personal.HospitalLayers] = {}
 
 
 # federated.secure_aggregation paillier: this hospital's private key, from its SuperNode's node config.
@@ -89,7 +92,7 @@ def _privacy(settings: RunSettings, run_id: int, hospital: int) -> HospitalPriva
     if run_id not in _PRIVACY:
         _PRIVACY.clear()
         _PRIVACY[run_id] = HospitalPrivacy.plan_for(
-            settings.privacy, len(hospital_data(settings, hospital, "train")),
+            settings.privacy, hospital_examples(settings, hospital),
             int(settings.train_params.get("batch_size", 32)), settings.local_epochs, settings.rounds)
     return _PRIVACY[run_id]
 
@@ -109,11 +112,13 @@ def _model(settings: RunSettings, run_id: int, learning_rate: float | None = Non
     if model is None:
         _MODELS.clear()  # one run at a time: drop an earlier run's model and weights
         _RECEIVED.clear()
+        _PERSONAL.clear()
         tf.keras.backend.clear_session()
         # Once per run, not per round (train.fit says why); per hospital, so dropout differs between them.
         tf.keras.utils.set_random_seed(settings.seed + hospital)
         privacy = _privacy(settings, run_id, hospital)
         model = _MODELS[run_id] = build(settings, noise_multiplier=privacy and privacy.plan.noise_multiplier)
+        _PERSONAL[run_id] = personal.HospitalLayers(model, settings.personalization)
     tf.keras.backend.set_value(model.optimizer.learning_rate, learning_rate or settings.learning_rate)
     return model
 
@@ -146,8 +151,21 @@ def _evaluate_previous(model, msg: Message, context: Context, settings: RunSetti
     if PREVIOUS_STATISTICS in msg.content.array_records:  # none for a model without BatchNormalization
         set_batch_norm_statistics(model, msg.content[PREVIOUS_STATISTICS].to_numpy_ndarrays())
     results, examples = evaluate_locally(model, settings, hospital, temperatures=bool(config.get("temperatures")))
+    _save_personalized(model, config, context, settings, hospital)
     return {**_val_metrics(results), VAL_WEIGHT_KEY: examples,
             "evaluation-time-s": time.perf_counter() - start}
+
+
+def _save_personalized(model, config, context: Context, settings: RunSettings, hospital: int) -> None:
+    """With personalization, the run's last global model with this hospital's own layers is its
+    personalized model: saved at the hospital (personal.save) when the server marks the last model."""
+    layers = _PERSONAL.get(context.run_id)
+    if layers is None or not layers.active or not config.get("last-model"):
+        return
+    privacy = _privacy(settings, context.run_id, hospital)
+    report = privacy.report(layers.trained_round) if privacy is not None and layers.trained_round else {}
+    path = personal.save(model.get_weights(), settings, hospital, layers.trained_round, report)
+    print(f"hospital {hospital}: personalized model ({settings.personalization}) saved to {path}", flush=True)
 
 
 def _round(msg: Message, context: Context, train: bool) -> Message:
@@ -164,12 +182,17 @@ def _round(msg: Message, context: Context, train: bool) -> Message:
         model = _model(settings, context.run_id, settings.learning_rate * float(config.get("lr-scale", 1.0)), hospital)
     with phases("evaluate-previous"):
         metrics = {"hospital": hospital, **_evaluate_previous(model, msg, context, settings, hospital)}
+    layers = _PERSONAL[context.run_id]
     with phases("decode"):
         received = weights_of(msg.content["arrays"], model)
-        model.set_weights(received)
+        local = layers.localize(received)  # this hospital's own layers in place (personalization)
+        model.set_weights(local)
     content = RecordDict()
     with phases("calibration"):
-        stats, images, seconds = batch_norm_statistics(model, settings, hospital)
+        if layers.pools_statistics:
+            stats, images, seconds = batch_norm_statistics(model, settings, hospital)
+        else:  # fedbn: the statistics are this hospital's own layers'; none are pooled
+            stats, images, seconds = [], hospital_examples(settings, hospital), 0.0
     metrics.update({CALIBRATION_WEIGHT_KEY: images, "calibration-time-s": seconds})
     if stats and cipher is None:  # a model without BatchNormalization (the DP forms) has none to send
         content[STATISTICS] = ArrayRecord(stats)
@@ -197,15 +220,19 @@ def _round(msg: Message, context: Context, train: bool) -> Message:
             metrics.update({WEIGHT_KEY: examples, "train-time-s": seconds, "epochs-run": len(history.get("loss", []))})
             if privacy is not None:
                 metrics.update(privacy.report(server_round))
+        # Personal layers stay here; they leave as received (personal.py).
+        trained = model.get_weights()
+        layers.keep(trained, server_round)
+        outgoing = layers.outgoing(trained, received)
         if cipher is None:
             with phases("encode"):
-                content["arrays"] = weights_record(model.get_weights())
+                content["arrays"] = weights_record(outgoing)
     if cipher is not None:
         # Only ciphertexts of this hospital's update and statistics leave it (encrypted.py).
         with phases("encryption"):
             update, weight = None, images
             if train:
-                (trained,), (sent,) = (weights_record(w).to_numpy_ndarrays() for w in (model.get_weights(), received))
+                (trained,), (sent,) = (weights_record(w).to_numpy_ndarrays() for w in (outgoing, received))
                 update = trained.astype(np.float64) - sent
                 # Moving statistics travel as encrypted statistics (above), not as part of the update.
                 update[~trainable_positions(model)] = 0.0
@@ -221,7 +248,8 @@ def _round(msg: Message, context: Context, train: bool) -> Message:
                 raise ValueError(f"hospital {hospital}, round {server_round}: {reason}; not encrypted or sent")
             cipher.encrypt_reply(content, config, update, stats, weight, hospital, server_round)
         metrics["encryption-time-s"] = phases.seconds["encryption"]
-    _RECEIVED[context.run_id] = (int(config["weights-round"]), received)
+    # The global model this message carried, as this hospital uses it (its own layers in place).
+    _RECEIVED[context.run_id] = (int(config["weights-round"]), local)
     content["metrics"] = MetricRecord({**metrics, **phases.metrics(timer)})
     return Message(content=content, reply_to=msg)
 
@@ -241,7 +269,7 @@ def examples(msg: Message, context: Context) -> Message:
     """This hospital's number of training images (encrypted aggregation weighs updates by it)."""
     settings = RunSettings.from_run_config(context.run_config)
     hospital = _hospital(context)
-    count = len(hospital_data(settings, hospital, "train"))
+    count = hospital_examples(settings, hospital)
     return Message(content=RecordDict({"metrics": MetricRecord({WEIGHT_KEY: count, "hospital": hospital})}),
                    reply_to=msg)
 
@@ -276,9 +304,10 @@ def evaluate(msg: Message, context: Context) -> Message:
     hospital = _hospital(context)
     start = time.perf_counter()
     model = _model(settings, context.run_id, hospital=hospital)
-    model.set_weights(weights_of(msg.content["arrays"], model))
+    model.set_weights(_PERSONAL[context.run_id].localize(weights_of(msg.content["arrays"], model)))
     config = msg.content.config_records.get("config", {})
     results, examples = evaluate_locally(model, settings, hospital, temperatures=bool(config.get("temperatures")))
+    _save_personalized(model, config, context, settings, hospital)
     # The server averages them weighted by examples into the global validation score.
     metrics = _val_metrics(results)
     metrics.update({WEIGHT_KEY: examples, VAL_WEIGHT_KEY: examples, "hospital": hospital,

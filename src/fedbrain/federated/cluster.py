@@ -106,6 +106,11 @@ def check_supported(params: dict, resume: bool, insecure: bool) -> None:
     if resume:
         raise InputError("--resume: not yet with federated.launcher: kubernetes (the checkpoints would have to be "
                          "copied into the ServerApp's pod first); run again without --resume, or run locally")
+    personalization = (params.get("federated") or {}).get("personalization", "none")
+    if personalization != "none":
+        raise InputError(f"federated.personalization {personalization}: not yet with federated.launcher: kubernetes "
+                         f"(each hospital's personalized model would stay in its SuperNode's pod); use "
+                         f"personalization none, or run locally")
 
 
 def public_key(private: bytes) -> bytes:

@@ -41,6 +41,7 @@ from fedbrain.federated.certificates import Pki, ensure_pki, ensure_supernode_ke
 from fedbrain.federated import lean, preflight
 from fedbrain.federated.control import Control
 from fedbrain.federated.encrypted import EncryptionSettings
+from fedbrain.federated.personal import HOSPITAL_FOLDER
 from fedbrain.federated.settings import FederatedSettings
 from fedbrain.privacy.settings import PrivacySettings
 
@@ -498,6 +499,7 @@ def run_config(settings: FederatedSettings, params: dict, role: str, processed: 
         "paillier-public-key": str(paillier_public_key.resolve()) if paillier_public_key else "",
         "hospital-threads": settings.threads_per_hospital(len(hospitals_in(partition))),
         "strategy": json.dumps(settings.strategy.to_dict()),
+        "personalization": settings.personalization,
     }
 
 
@@ -570,6 +572,8 @@ def run(params: dict, processed: Path, partition: Path, out: Path, resume: bool 
     out.mkdir(parents=True, exist_ok=True)
     if not resume:
         (out / "history.json").unlink(missing_ok=True)
+        for old in out.glob(HOSPITAL_FOLDER.format("*")):  # an earlier run's personalized models
+            shutil.rmtree(old, ignore_errors=True)
     params = tracking_params(params)
 
     previous = _raise_on_sigterm()

@@ -287,7 +287,10 @@ def evaluate_global_model(grid: Grid, strategy: HospitalFedAvg, settings: RunSet
     online = wait_for_nodes(grid, max(settings.min_available_nodes, settings.min_evaluate_nodes),
                             settings.node_wait_timeout)
     start = time.perf_counter()
-    config = {"temperatures": True} if temperatures and settings.task == "classification" else {}
+    # The run's last model: hospitals also fit its temperature, and save their personalized models of it.
+    config = {"last-model": True} if temperatures else {}
+    if temperatures and settings.task == "classification":
+        config["temperatures"] = True
     if arrays is not None:
         messages = list(strategy.configure_evaluate(record["round"], arrays, ConfigRecord(config), grid))
     else:
@@ -343,7 +346,8 @@ def main(grid: Grid, context: Context) -> None:
 
     tags = {"task": settings.task, "model": settings.model, "training": "federated", "privacy": settings.privacy.mode,
             "strategy": settings.strategy.name, "secure": str(settings.secure).lower(), "role": settings.role,
-            "aggregation": "paillier" if settings.encrypted else "plaintext"}
+            "aggregation": "paillier" if settings.encrypted else "plaintext",
+            "personalization": settings.personalization}
     rules = update_rules(settings.params)
     tracking = Tracking(settings, state["run_id"], tags)
     state["run_id"] = tracking.run_id
@@ -376,7 +380,9 @@ def main(grid: Grid, context: Context) -> None:
     encryption = None
     aggregation = "fedavg"
     if settings.encrypted:
-        sizes = [int(v.shape[-1]) for layer in batch_norm_layers(model) for v in (layer.moving_mean,) * 2]
+        # fedbn: the statistics are the hospitals' own (personal.py), none are pooled.
+        sizes = [int(v.shape[-1]) for layer in batch_norm_layers(model) for v in (layer.moving_mean,) * 2
+                 if settings.personalization != "fedbn"]
         encryption = EncryptedAggregation(settings.paillier_public_key, EncryptionSettings(**settings.encryption), sizes,
                                           unweighted=settings.privacy.mode == "client")
         aggregation = "paillier"
@@ -472,6 +478,7 @@ def main(grid: Grid, context: Context) -> None:
     card = {"task": settings.task, "model": settings.model, "training": "federated", **ledger.card(),
             "classes": info["classes"], "run_id": tracking.run_id, "strategy": settings.strategy.name,
             "strategy_parameters": settings.strategy.parameters(), "aggregation": aggregation,
+            "personalization": settings.personalization,
             "rounds": global_models.last_round, "rounds_planned": settings.rounds,
             "local_epochs": settings.local_epochs, "history": history,
             "initial": state["initial"], "round_records": state["rounds"], "failures": failures,

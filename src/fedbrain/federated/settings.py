@@ -10,6 +10,7 @@ from pathlib import Path
 from fedbrain.config import get, section
 from fedbrain.dataset import load_classes
 from fedbrain.errors import InputError
+from fedbrain.federated.personal import PERSONALIZATION
 from fedbrain.federated.update_checks import UpdateRules
 
 ROLES = ("classifier", "segmenter")
@@ -190,6 +191,8 @@ class FederatedSettings:
     # min_valid_updates, update_norm_factor, max_update_examples (update_checks.py)
     updates: UpdateRules = field(default_factory=UpdateRules)
     strategy: StrategySettings = field(default_factory=StrategySettings)
+    # none | fedbn | local_head: layers each hospital keeps as its own (personal.py).
+    personalization: str = "none"
 
     @classmethod
     def from_params(cls, params: dict) -> FederatedSettings:
@@ -221,6 +224,8 @@ class FederatedSettings:
             kubernetes=KubernetesSettings.from_params(sec.get("kubernetes")),
             updates=update_rules(params),
             strategy=StrategySettings.from_params(sec),
+            personalization=get(sec, "personalization", str, where, choices=PERSONALIZATION,
+                                default=d.personalization),
         )
         settings.check()
         return settings

@@ -80,6 +80,8 @@ class RunSettings:
     training_dataset: str = ""
     # federated.strategy and its parameters (settings.StrategySettings); FedAvg when the config has none.
     strategy: StrategySettings = StrategySettings()
+    # federated.personalization: none | fedbn | local_head (personal.py).
+    personalization: str = "none"
 
     @classmethod
     def from_run_config(cls, cfg) -> RunSettings:
@@ -119,6 +121,7 @@ class RunSettings:
             classes=json.loads(str(cfg["classes"])) if cfg.get("classes") else None,
             training_dataset=str(cfg.get("training-dataset", "")),
             strategy=StrategySettings.from_dict(json.loads(str(cfg.get("strategy") or "{}"))),
+            personalization=str(cfg.get("personalization", "none")),
         )
 
     def class_info(self) -> dict:
@@ -176,6 +179,16 @@ def build(settings: RunSettings, compiled: bool = True, learning_rate: float | N
 def hospital_data(settings: RunSettings, hospital: int, split: str) -> Split:
     """One hospital's own train or val examples: nothing else is readable from a ClientApp."""
     return load_split(settings.processed, settings.partition, split, hospital=hospital)
+
+
+def hospital_examples(settings: RunSettings, hospital: int, split: str = "train") -> int:
+    """How many examples of `split` the hospital holds, from its index alone (no images read)."""
+    import pandas as pd
+
+    from fedbrain.dataset import hospital_dir
+
+    index = pd.read_parquet(hospital_dir(settings.partition, hospital) / "index.parquet", columns=["split"])
+    return int((index["split"] == split).sum())
 
 
 def returned_epoch(history: dict[str, list[float]], train_params: dict) -> int:

@@ -13,8 +13,8 @@ from sklearn.metrics import accuracy_score, f1_score
 
 from fedbrain import tracking
 from fedbrain.dataset import Split, load_split
-from fedbrain.evaluate import (MEAN_ROW, OWN_MODEL, describe, hospital_scores, personalization_table,
-                               segmentation_metrics)
+from fedbrain.evaluate import describe, segmentation_metrics
+from fedbrain.hospital_scores import MEAN_ROW, OWN_MODEL, hospital_scores, personalization_table
 from fedbrain.evaluate import run as evaluate
 from fedbrain.models import build_model
 from fedbrain.train import save_model

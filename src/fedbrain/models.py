@@ -39,8 +39,9 @@ GROUP_NORM_MODELS = ("cnn", "unet")
 
 
 def build_model(name: str, input_shape: tuple[int, int, int], num_classes: int,
-                weights: str = "none", normalization: str = "batch") -> tf.keras.Model:
+                weights: str = "none", normalization: str = "batch", width: int | None = None) -> tf.keras.Model:
     """A model by name. ``weights`` (none | imagenet | <file>) applies to vgg16/efficientnet_b0.
+    ``width``: the cnn's first-stage channels (None: 32); the stages widen 2x, 4x, 8x from it.
 
     ``normalization``: batch (BatchNormalization) | group (GroupNormalization, cnn and unet only).
     BatchNorm mixes the examples of a batch, so one example's gradient depends on the others and
@@ -57,8 +58,12 @@ def build_model(name: str, input_shape: tuple[int, int, int], num_classes: int,
         raise InputError(f"input_shape {input_shape} must be (size, size, channels)")
     if weights not in ("none", None) and name not in ("vgg16", "efficientnet_b0"):
         raise InputError(f"model {name!r} has no pretrained weights; set weights: none")
+    if width is not None and name != "cnn":
+        raise InputError(f"model {name!r} has no width setting (cnn only); remove width or set model: cnn")
+    if width is not None and (isinstance(width, bool) or not isinstance(width, int) or width < 1):
+        raise InputError(f"cnn width must be a positive whole number of channels, got {width!r}")
     if name == "cnn":
-        return compact_cnn(input_shape, num_classes, normalization=normalization)
+        return compact_cnn(input_shape, num_classes, normalization=normalization, width=width or 32)
     if name == "unet":
         return unet(input_shape, normalization=normalization)
     return keras_application(name, input_shape, num_classes, weights or "none")

@@ -371,7 +371,8 @@ def train_model(params: dict, role: str, classes: dict, train: Split, val: Split
     tf.keras.utils.set_random_seed(seed)
     input_shape = train.images.shape[1:]
     model = build_model(name, input_shape, len(classes["classes"]), get(opts, "weights", str, where, default="none"),
-                        normalization=get(opts, "normalization", str, where, default="batch"))
+                        normalization=get(opts, "normalization", str, where, default="batch"),
+                        width=get(opts, "width", (int, type(None)), where, default=None))
     privacy, plan = _privacy_plan(params, opts, role, len(train), epochs)
     trainable = model
     if plan is not None:

@@ -57,6 +57,19 @@ def test_bad_weights_are_input_errors(tmp_path):
         build_model("resnet", (32, 32, 1), 2)
 
 
+def test_cnn_width_scales_its_stages_and_is_checked():
+    narrow = build_model("cnn", (32, 32, 1), 4, normalization="group", width=8)
+    default = build_model("cnn", (32, 32, 1), 4, normalization="group")
+    # Four stages of 8, 16, 32, 64 channels instead of 32 .. 256: about 16x fewer weights.
+    assert [layer.filters for layer in narrow.layers if type(layer).__name__ == "Conv2D"][-1] == 64
+    assert 12 < default.count_params() / narrow.count_params() < 20
+    with pytest.raises(InputError, match="no width setting"):
+        build_model("unet", (32, 32, 1), 2, width=8)
+    for bad in (0, -4, 2.5, True):
+        with pytest.raises(InputError, match="positive whole number"):
+            build_model("cnn", (32, 32, 1), 4, width=bad)
+
+
 def test_imagenet_unreachable_is_a_clear_error(monkeypatch):
     # No internet here: make sure the error says what to do rather than leaking a socket trace.
     def offline(*args, **kwargs):

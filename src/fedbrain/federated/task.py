@@ -165,7 +165,8 @@ def build(settings: RunSettings, compiled: bool = True, learning_rate: float | N
         model = getattr(importlib.import_module(module), function)(shape, len(info["classes"]))
     else:
         model = build_model(settings.model, shape, len(info["classes"]), settings.weights,
-                            normalization=str(settings.train_params.get("normalization", "batch")))
+                            normalization=str(settings.train_params.get("normalization", "batch")),
+                            width=settings.train_params.get("width"))
     if noise_multiplier is not None:
         from fedbrain.privacy.dp_sgd import private_model
 

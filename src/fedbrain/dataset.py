@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from contextlib import contextmanager
@@ -79,6 +80,24 @@ def replaced_folder(out: str | Path) -> Iterator[Path]:
         shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
 
 
+def write_atomic(path: str | Path, write) -> None:
+    """``write(tmp)`` to a temporary file in the same folder, then renamed over ``path``: never half
+    a file (the file-level ``replaced_folder``). ``tmp`` keeps ``path``'s suffix, which Keras reads."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    write_atomic(path, lambda tmp: tmp.write_text(text))
+
+
 def load_classes(processed_dir: str | Path) -> dict:
     path = Path(processed_dir) / "classes.json"
     if not path.is_file():
@@ -86,8 +105,19 @@ def load_classes(processed_dir: str | Path) -> dict:
     return json.loads(path.read_text())
 
 
-def hospital_dir(partition_dir: str | Path, hospital: int) -> Path:
-    return Path(partition_dir) / f"hospital_{hospital}"
+# A hospital's folder: its partition (partition/hospital_<k>/) and its personalized models
+# (models/federated/<variant>/hospital_<k>/).
+HOSPITAL_FOLDER = re.compile(r"hospital_(\d+)")
+
+
+def hospital_dir(root: str | Path, hospital: int) -> Path:
+    return Path(root) / f"hospital_{hospital}"
+
+
+def hospital_examples(partition_dir: str | Path, hospital: int, split: str = "train") -> int:
+    """How many examples of `split` the hospital holds, from its index alone (no images read)."""
+    index = pd.read_parquet(hospital_dir(partition_dir, hospital) / "index.parquet", columns=["split"])
+    return int((index["split"] == split).sum())
 
 
 def _splits_table(partition_dir: Path) -> tuple[pd.DataFrame, Path]:

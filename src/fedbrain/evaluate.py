@@ -56,9 +56,9 @@ from fedbrain import explain, reliability
 from fedbrain import segmentation_scores as scores
 from fedbrain.config import get
 from fedbrain.curves import write_curves
-from fedbrain.dataset import Split, hospital_test_parts, load_classes, load_split
+from fedbrain.dataset import HOSPITAL_FOLDER, Split, hospital_test_parts, load_classes, load_split, write_text_atomic
 from fedbrain.errors import InputError
-from fedbrain.hospital_scores import (HOSPITAL_FOLDER, MEAN_ROW, blocks, cell, hospital_scores,
+from fedbrain.hospital_scores import (MEAN_ROW, blocks, cell, hospital_scores,
                                       personalization_markdown, personalization_table)
 from fedbrain.plots import (plot_confusion_matrix, plot_dice_by_site, plot_history, plot_membership_roc,
                             plot_overlays, plot_personalization, plot_privacy_utility, plot_roc, plot_rounds)
@@ -285,17 +285,10 @@ def write_headlines(folder: Path, headlines: dict[str, dict]) -> None:
     tmp = folder.with_name(f".{folder.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     for run, figures in headlines.items():
-        _write_text(tmp / f"{run}.json", json.dumps(figures, indent=2) + "\n")
+        write_text_atomic(tmp / f"{run}.json", json.dumps(figures, indent=2) + "\n")
     tmp.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(folder, ignore_errors=True)
     os.replace(tmp, folder)
-
-
-def _write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def comparison_markdown(table: pd.DataFrame, sites: str = "") -> str:
@@ -319,8 +312,8 @@ def comparison_markdown(table: pd.DataFrame, sites: str = "") -> str:
 def write_personalization(table: pd.DataFrame, out: Path) -> dict[str, Path]:
     """personalization.csv/.md (atomic) and one grouped-bar plot per task: {task: plot}."""
     markdown = personalization_markdown(table)
-    _write_text(out / "personalization.md", markdown)
-    _write_text(out / "personalization.csv", table.to_csv(index=False))
+    write_text_atomic(out / "personalization.md", markdown)
+    write_text_atomic(out / "personalization.csv", table.to_csv(index=False))
     figures = {}
     for task in table["task"].unique():
         panels, groups = {}, None
@@ -497,18 +490,18 @@ def run(params: dict, processed: Path, partition: Path, models: Path, out: Path)
     else:  # the files say why there is no table (DVC expects them); a previous evaluation's plots go
         no_table = ("was written before hospitals had test parts (re-run: dvc repro partition)" if parts is None
                     else f"has test parts for {len(parts)} hospital(s), fewer than 2")
-        _write_text(out / "personalization.md", f"# Per-hospital test scores\n\nNone: {partition / 'splits.parquet'} "
+        write_text_atomic(out / "personalization.md", f"# Per-hospital test scores\n\nNone: {partition / 'splits.parquet'} "
                                                 f"{no_table}.\n")
-        _write_text(out / "personalization.csv", "task,metric,hospital,test_images\n")
+        write_text_atomic(out / "personalization.csv", "task,metric,hospital,test_images\n")
         for stale in (out / "plots").glob("personalization_*.png"):
             stale.unlink(missing_ok=True)
     table = pd.DataFrame(rows, columns=COMPARISON_COLUMNS)
-    _write_text(out / "metrics.json", json.dumps(scalars, indent=2) + "\n")
+    write_text_atomic(out / "metrics.json", json.dumps(scalars, indent=2) + "\n")
     write_headlines(out / "headline", {r["info"]["run"]: headline(r["info"]["task"], scalars[r["info"]["run"]])
                                        for r in results})
-    _write_text(out / "evaluation.json", json.dumps(_clean(details), indent=2) + "\n")
+    write_text_atomic(out / "evaluation.json", json.dumps(_clean(details), indent=2) + "\n")
     markdown = comparison_markdown(table, scores.sites_markdown(results))
-    _write_text(out / "comparison.md", markdown)
+    write_text_atomic(out / "comparison.md", markdown)
     tmp = out / ".comparison.csv.tmp"
     table.to_csv(tmp, index=False)
     os.replace(tmp, out / "comparison.csv")

@@ -11,13 +11,12 @@ and plots it (fedbrain.plots.plot_personalization).
 from __future__ import annotations
 
 import math
-import re
 
 import numpy as np
 import pandas as pd
 
 from fedbrain import segmentation_scores as scores
-from fedbrain.dataset import Split
+from fedbrain.dataset import HOSPITAL_FOLDER, Split
 from fedbrain.segmentation_scores import defined_mean
 
 # The personalization table (personalization.csv/.md): per task, the scores of each hospital's test part;
@@ -26,7 +25,6 @@ from fedbrain.segmentation_scores import defined_mean
 HOSPITAL_METRICS = {"classification": ("accuracy", "macro_f1"), "segmentation": ("dice_tumour_slices",)}
 OWN_MODEL = " (own hospital's model)"  # suffix of a variant's personalized column: row k holds hospital k's model
 MEAN_ROW = "mean over hospitals"
-HOSPITAL_FOLDER = re.compile(r"hospital_(\d+)")
 
 def cell(value) -> str:
     """A markdown table cell: empty for a missing value, 4 decimals for a float."""

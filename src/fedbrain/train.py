@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -20,7 +19,7 @@ import numpy as np
 import tensorflow as tf
 
 from fedbrain.config import get, section
-from fedbrain.dataset import Split, load_classes, load_split
+from fedbrain.dataset import Split, load_classes, load_split, write_atomic, write_text_atomic
 from fedbrain.errors import InputError
 
 TASKS = ("classification", "segmentation")
@@ -200,7 +199,10 @@ def make_dataset(split: Split, task: str, num_classes: int, batch_size: int, see
     """Batches of (image, target[, sample weight]); training batches are shuffled, endless, augmented.
 
     Indices are shuffled and batched, then each batch gathers its images from one in-memory
-    tensor: no per-example Python and no shuffle buffer holding image copies.
+    tensor: no per-example Python and no shuffle buffer holding image copies. Training batches
+    are cut epoch by epoch (the last of an epoch may be smaller; a batch larger than the data is
+    all of it once): a batch that ran on into the next epoch's shuffle could hold an image twice,
+    and DP-SGD's noise is calibrated to one clipped gradient per image per step.
     """
     images = tf.constant(split.images, tf.float32)
     if task == "classification":
@@ -211,10 +213,13 @@ def make_dataset(split: Split, task: str, num_classes: int, batch_size: int, see
         targets = tf.constant(split.masks, tf.float32)
     sample_weights = None if weights is None else tf.gather(tf.constant(weights), split.labels)
     rows = np.arange(len(split), dtype=np.int64) if rows is None else rows
-    indices = tf.data.Dataset.from_tensor_slices(rows)
+    batches = tf.data.Dataset.from_tensor_slices(rows)
     if training:
-        indices = indices.shuffle(len(rows), seed=seed, reshuffle_each_iteration=True).repeat()
-    batches = indices.batch(batch_size).enumerate()
+        batches = batches.shuffle(len(rows), seed=seed, reshuffle_each_iteration=True)
+    batches = batches.batch(batch_size)
+    if training:
+        batches = batches.repeat()
+    batches = batches.enumerate()
     augment = augment or {}
 
     def load(step, idx):
@@ -317,18 +322,6 @@ def fit(model: tf.keras.Model, train: Split, val: Split | None, task: str, train
 
 # --------------------------------------------------------------------------- saving
 
-def _write_atomic(path: Path, write) -> None:
-    """Write through a temporary file in the same folder, then rename: never half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def save_model(model: tf.keras.Model, path: Path, card: dict) -> None:
     """``<name>.keras`` plus its card ``<name>.json`` (what evaluate and predict read).
 
@@ -337,8 +330,8 @@ def save_model(model: tf.keras.Model, path: Path, card: dict) -> None:
     classifier's temperature (with temperature_fitted_on; fedbrain.reliability).
     """
     path = Path(path)
-    _write_atomic(path, lambda tmp: model.save(tmp))
-    _write_atomic(path.with_suffix(".json"), lambda tmp: tmp.write_text(json.dumps(card, indent=2)))
+    write_atomic(path, lambda tmp: model.save(tmp))
+    write_text_atomic(path.with_suffix(".json"), json.dumps(card, indent=2))
 
 
 def load_card(model_path: Path) -> dict:
@@ -457,5 +450,5 @@ def run_centralized(params: dict, processed: Path, partition: Path, out: Path) -
     if classes.get("has_masks"):
         cards["segmenter"] = train_model(params, "segmenter", classes, train, val, out, dataset)
     histories = {role: card["history"] for role, card in cards.items()}
-    _write_atomic(out / "history.json", lambda tmp: tmp.write_text(json.dumps(histories, indent=2)))
+    write_text_atomic(out / "history.json", json.dumps(histories, indent=2))
     return cards

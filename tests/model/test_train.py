@@ -202,3 +202,21 @@ def test_tumour_slices_are_oversampled_for_segmentation_only(segmentation_data):
     assert 0 < tumour < len(train)
     assert len(epoch_indices(train, "segmentation", 3)) == len(train) + 2 * tumour
     assert list(epoch_indices(train, "classification", 3)) == list(range(len(train)))
+
+
+@pytest.mark.parametrize("count, batch_size", [(10, 4), (10, 5), (7, 32)])
+def test_training_batches_hold_each_image_once_and_each_epoch_is_one_pass(count, batch_size):
+    # DP-SGD's noise covers one clipped gradient per image per step: a batch that ran on into the
+    # next epoch's shuffle (or a batch larger than the data) would hold an image twice.
+    from fedbrain.dataset import Split
+    from fedbrain.train import make_dataset
+
+    images = np.broadcast_to(np.arange(count, dtype=np.float32)[:, None, None, None], (count, 2, 2, 1)).copy()
+    split = Split(images, np.zeros(count, np.int64), None, [str(i) for i in range(count)], [None] * count)
+    steps = -(-count // batch_size)
+    dataset = make_dataset(split, "classification", 2, batch_size, seed=3, training=True, augment={})
+    batches = [sorted(int(v) for v in x[:, 0, 0, 0].numpy()) for x, _ in dataset.take(3 * steps)]
+    for batch in batches:
+        assert len(batch) == len(set(batch))
+    epochs = [sum(batches[e * steps:(e + 1) * steps], []) for e in range(3)]
+    assert all(sorted(epoch) == list(range(count)) for epoch in epochs)

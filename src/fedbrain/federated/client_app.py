@@ -30,12 +30,13 @@ from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import fixedclipping_mod
 from flwr.common.differential_privacy_constants import KEY_CLIPPING_NORM
 
+from fedbrain.dataset import hospital_examples
 from fedbrain.federated import personal
 from fedbrain.federated.encrypted import TOTAL, EncryptionSettings, HospitalCipher
 from fedbrain.federated.phases import Phases, fit_timer
 from fedbrain.federated.task import (CALIBRATION_WEIGHT_KEY, PREVIOUS_STATISTICS, STATISTICS, VAL_WEIGHT_KEY,
                                     WEIGHT_KEY, RunSettings, batch_norm_statistics, build, evaluate_locally,
-                                    hospital_examples, returned_epoch, set_batch_norm_statistics, train_locally,
+                                    returned_epoch, set_batch_norm_statistics, train_locally,
                                     trainable_positions, weights_of, weights_record)
 from fedbrain.federated.update_checks import check_values
 from fedbrain.privacy.budget import HospitalPrivacy
@@ -92,7 +93,7 @@ def _privacy(settings: RunSettings, run_id: int, hospital: int) -> HospitalPriva
     if run_id not in _PRIVACY:
         _PRIVACY.clear()
         _PRIVACY[run_id] = HospitalPrivacy.plan_for(
-            settings.privacy, hospital_examples(settings, hospital),
+            settings.privacy, hospital_examples(settings.partition, hospital),
             int(settings.train_params.get("batch_size", 32)), settings.local_epochs, settings.rounds)
     return _PRIVACY[run_id]
 
@@ -192,7 +193,7 @@ def _round(msg: Message, context: Context, train: bool) -> Message:
         if layers.pools_statistics:
             stats, images, seconds = batch_norm_statistics(model, settings, hospital)
         else:  # fedbn: the statistics are this hospital's own layers'; none are pooled
-            stats, images, seconds = [], hospital_examples(settings, hospital), 0.0
+            stats, images, seconds = [], hospital_examples(settings.partition, hospital), 0.0
     metrics.update({CALIBRATION_WEIGHT_KEY: images, "calibration-time-s": seconds})
     if stats and cipher is None:  # a model without BatchNormalization (the DP forms) has none to send
         content[STATISTICS] = ArrayRecord(stats)
@@ -269,7 +270,7 @@ def examples(msg: Message, context: Context) -> Message:
     """This hospital's number of training images (encrypted aggregation weighs updates by it)."""
     settings = RunSettings.from_run_config(context.run_config)
     hospital = _hospital(context)
-    count = hospital_examples(settings, hospital)
+    count = hospital_examples(settings.partition, hospital)
     return Message(content=RecordDict({"metrics": MetricRecord({WEIGHT_KEY: count, "hospital": hospital})}),
                    reply_to=msg)
 

@@ -36,12 +36,12 @@ import tomli
 import tomli_w
 
 from fedbrain.config import get, section, with_variant
+from fedbrain.dataset import HOSPITAL_FOLDER
 from fedbrain.errors import InputError
 from fedbrain.federated.certificates import Pki, ensure_pki, ensure_supernode_key
 from fedbrain.federated import lean, preflight
 from fedbrain.federated.control import Control
 from fedbrain.federated.encrypted import EncryptionSettings
-from fedbrain.federated.personal import HOSPITAL_FOLDER
 from fedbrain.federated.settings import FederatedSettings
 from fedbrain.privacy.settings import PrivacySettings
 
@@ -572,8 +572,9 @@ def run(params: dict, processed: Path, partition: Path, out: Path, resume: bool 
     out.mkdir(parents=True, exist_ok=True)
     if not resume:
         (out / "history.json").unlink(missing_ok=True)
-        for old in out.glob(HOSPITAL_FOLDER.format("*")):  # an earlier run's personalized models
-            shutil.rmtree(old, ignore_errors=True)
+        for old in out.iterdir():  # an earlier run's personalized models
+            if HOSPITAL_FOLDER.fullmatch(old.name):
+                shutil.rmtree(old, ignore_errors=True)
     params = tracking_params(params)
 
     previous = _raise_on_sigterm()

@@ -29,11 +29,11 @@ from pathlib import Path
 
 import numpy as np
 
+from fedbrain.dataset import hospital_dir
 from fedbrain.errors import InputError
 
 PERSONALIZATION = ("none", "fedbn", "local_head")
 # The folder of hospital k's personalized models under the run's output folder (evaluate finds them there).
-HOSPITAL_FOLDER = "hospital_{}"
 
 
 def personal_variables(model, mode: str) -> list[int]:
@@ -58,12 +58,6 @@ def personal_variables(model, mode: str) -> list[int]:
         raise InputError(f"federated.personalization is {mode!r}; use one of {', '.join(PERSONALIZATION)}")
     personal = {id(v) for layer in layers for v in layer.weights}
     return [i for i, v in enumerate(model.weights) if id(v) in personal]
-
-
-def personal_positions(model, mode: str) -> np.ndarray:
-    """A mask over the weights_record vector: True where a personal layer's value sits."""
-    chosen = set(personal_variables(model, mode))
-    return np.concatenate([np.full(int(np.prod(tuple(v.shape))), i in chosen) for i, v in enumerate(model.weights)])
 
 
 class HospitalLayers:
@@ -111,7 +105,7 @@ class HospitalLayers:
 
 
 def hospital_model_path(out: Path, hospital: int, role: str) -> Path:
-    return Path(out) / HOSPITAL_FOLDER.format(hospital) / f"{role}.keras"
+    return hospital_dir(out, hospital) / f"{role}.keras"
 
 
 def save(weights: list[np.ndarray], settings, hospital: int, server_round: int, privacy_report: dict) -> Path:

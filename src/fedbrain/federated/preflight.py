@@ -7,9 +7,7 @@ import math
 from collections.abc import Callable
 from pathlib import Path
 
-import pandas as pd
-
-from fedbrain.dataset import hospital_dir
+from fedbrain.dataset import hospital_examples
 from fedbrain.errors import InputError
 from fedbrain.privacy.settings import PrivacySettings
 
@@ -17,10 +15,7 @@ from fedbrain.privacy.settings import PrivacySettings
 def check(params: dict, settings, roles: list[str], partition: Path, hospitals: list[int],
           echo: Callable[[str], None]) -> None:
     """`settings`: the launcher's FederatedSettings."""
-    examples = {}
-    for k in hospitals:
-        index = pd.read_parquet(hospital_dir(partition, k) / "index.parquet", columns=["split"])
-        examples[k] = int((index["split"] == "train").sum())
+    examples = {k: hospital_examples(partition, k) for k in hospitals}
     check_privacy(params, settings, roles, examples, echo)
     check_encryption(params, settings, roles, examples)
 

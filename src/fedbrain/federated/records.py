@@ -9,6 +9,7 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fedbrain.dataset import write_text_atomic
 from fedbrain.federated.task import RunSettings
 from fedbrain.secure.audit import AuditLog
 
@@ -96,12 +97,6 @@ def merge_evaluation(target: dict, evaluation: Evaluation) -> None:
         target["hospitals"].setdefault(k, {}).update(values)
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 class Checkpoints:
     """`out/checkpoints/<role>/`: the global model of every round and the run's state so far."""
 
@@ -131,7 +126,7 @@ class Checkpoints:
         self.save_state(state)
 
     def save_state(self, state: dict) -> None:
-        atomic_write_text(self.state_path, json.dumps(state, indent=1))
+        write_text_atomic(self.state_path, json.dumps(state, indent=1))
 
 
 class Tracking:

@@ -56,9 +56,10 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
+from fedbrain.dataset import write_text_atomic
 from fedbrain.federated.encrypted import EncryptedAggregation, EncryptionSettings
 from fedbrain.federated.global_models import GlobalModels, report_round
-from fedbrain.federated.records import Checkpoints, Evaluation, RoundRecord, Tracking, atomic_write_text, history_of
+from fedbrain.federated.records import Checkpoints, Evaluation, RoundRecord, Tracking, history_of
 from fedbrain.federated.phases import is_phase
 from fedbrain.federated.server_optimizer import ServerOptimizer
 from fedbrain.federated.settings import update_rules
@@ -494,7 +495,7 @@ def main(grid: Grid, context: Context) -> None:
     histories_path = settings.out / "history.json"
     histories = json.loads(histories_path.read_text()) if histories_path.is_file() else {}
     histories[settings.role] = history
-    atomic_write_text(histories_path, json.dumps(histories, indent=2))
+    write_text_atomic(histories_path, json.dumps(histories, indent=2))
     tracking.finish()
     log(INFO, "[%s] global model saved to %s", settings.role, path)
 

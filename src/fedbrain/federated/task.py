@@ -182,16 +182,6 @@ def hospital_data(settings: RunSettings, hospital: int, split: str) -> Split:
     return load_split(settings.processed, settings.partition, split, hospital=hospital)
 
 
-def hospital_examples(settings: RunSettings, hospital: int, split: str = "train") -> int:
-    """How many examples of `split` the hospital holds, from its index alone (no images read)."""
-    import pandas as pd
-
-    from fedbrain.dataset import hospital_dir
-
-    index = pd.read_parquet(hospital_dir(settings.partition, hospital) / "index.parquet", columns=["split"])
-    return int((index["split"] == split).sum())
-
-
 def returned_epoch(history: dict[str, list[float]], train_params: dict) -> int:
     """The epoch whose weights `fit` returns: the best on the validation split (early stopping
     restores it), or the last one when there was no validation split."""

@@ -71,6 +71,8 @@ class KeyMismatch(InputError):
 # --- keys -------------------------------------------------------------------------------------------
 
 def _write_atomic(path: Path, text: str, mode: int) -> None:
+    """dataset.write_text_atomic for key files: the file exists with `mode` (0600 for a private key)
+    before the key is in it, never world-readable for a moment, and it is on disk before the rename."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")  # created 0600
     try:
         os.fchmod(fd, mode)

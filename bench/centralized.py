@@ -1,6 +1,7 @@
 """Centralized baseline numbers on the real data beside the project (not a test).
 
-  .venv/bin/python bench/centralized.py [classifier] [segmenter] [throughput]   (default: all three)
+  .venv/bin/python bench/centralized.py [classifier] [segmenter] [throughput] [evaluate]
+  (default: the first three)
 
 classifier  brain-tumor-mri/Training through ingest -> preprocess -> partition (the pipeline's
             leakage-free split) -> train-centralized with params.yaml's train.classifier ->
@@ -9,6 +10,9 @@ segmenter   lgg-mri-segmentation, split by patient, U-Net (train.segmenter): pri
             test slices with tumour (target >= 0.80), per-patient Dice and HD95.
 throughput  images/s of fedbrain.train.fit vs a bare model.fit on the same model and data in the
             same process (ratio, target >= 0.9).
+evaluate    `fedbrain evaluate` over every classifier in build/bench/brain-tumor-mri/models (the
+            centralized one and each federated variant the other benches trained), nothing trained:
+            the comparison, the membership audit of each model, and the audit's share of the time.
 
 Work files go to build/bench/<dataset>/ (git-ignored); the data stages are re-run only when
 their outputs are missing. MLflow runs go to build/bench/mlflow.db.
@@ -73,6 +77,16 @@ def bench_classifier() -> None:
           f"{row['test_images']} test images, {len(card['history']['loss'])} epochs): "
           f"test accuracy {row['accuracy']:.4f} (target 0.95), macro F1 {row['macro_f1']:.4f} (target 0.94), "
           f"train wall time {wall / 60:.1f} min on {os.cpu_count()} cores", flush=True)
+
+
+def bench_evaluate() -> None:
+    params = params_for(SHARED / "brain-tumor-mri" / "Training")
+    processed, parts = prepare("brain-tumor-mri", SHARED / "brain-tumor-mri" / "Training", params)
+    table = evaluate.run(params, processed, parts, WORK / "brain-tumor-mri" / "models",
+                         WORK / "brain-tumor-mri" / "reports")
+    columns = [c for c in ("run", "accuracy", "epsilon", "mia_auc", "mia_loss_auc", "mia_tpr_at_1pct_fpr",
+                           "mia_accuracy_gap") if c in table.columns]
+    print("\nBENCH evaluate (brain-tumor-mri):\n" + table[columns].to_string(index=False), flush=True)
 
 
 def bench_segmenter() -> None:
@@ -156,4 +170,5 @@ def bench_throughput(rounds: int = 4, epochs: int = 3) -> None:
 if __name__ == "__main__":
     parts = sys.argv[1:] or ["throughput", "classifier", "segmenter"]
     for part in parts:
-        {"classifier": bench_classifier, "segmenter": bench_segmenter, "throughput": bench_throughput}[part]()
+        {"classifier": bench_classifier, "segmenter": bench_segmenter, "throughput": bench_throughput,
+         "evaluate": bench_evaluate}[part]()

@@ -14,6 +14,7 @@ import contextlib
 import functools
 import io
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -21,6 +22,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import kubernetes.client
+import kubernetes_validate
 import pytest
 import yaml
 from cryptography.hazmat.primitives import serialization
@@ -28,7 +30,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from kubernetes.client.exceptions import ApiException
 
 from fedbrain.errors import InputError
-from fedbrain.federated import cluster, kube_api
+from fedbrain.federated import cluster, kube_api, personal
 from fedbrain.federated.cluster import ClusterRun
 from fedbrain.federated.kube_api import Cluster
 from fedbrain.federated.pods import (MANIFESTS, PAILLIER_FILE, PAILLIER_MOUNT, PAILLIER_SECRET, RUN_LABEL,
@@ -36,6 +38,7 @@ from fedbrain.federated.pods import (MANIFESTS, PAILLIER_FILE, PAILLIER_MOUNT, P
 from fedbrain.secure import paillier
 from fedbrain.federated.settings import FederatedSettings, KubernetesSettings
 from helpers import PROJECT
+from test_k8s import KUBERNETES_VERSION
 
 BASE = PROJECT / "k8s" / "base"
 RUN = "fedavg-20260101-000000-abcd"
@@ -161,14 +164,44 @@ def test_what_the_run_reads_from_the_manifests():
     assert federation.control == ("superlink", 9093)
     assert federation.serverapp == ("serverapp", "/app/state/out")
     assert federation.data_dir == "/app/data"
+    assert federation.hospital_out == "/app/out"
+    assert federation.hospital_folder(1) == ("clientapp", "/app/out/hospital_1")
     config = federation.run_config({"processed": "/here/processed", "partition": "/here/partition",
                                     "out": "/here/out", "rounds": 3}, CLASSES)
     assert config == {"processed": "/app/data/processed", "partition": "/app/data/partition",
-                      "out": "/app/state/out", "rounds": 3, "classes": json.dumps(CLASSES), "hospital-threads": 0,
-                      "paillier-public-key": "", "training-dataset": ""}
-    # the app template declares the keys, or Flower would drop them from the run config
+                      "out": "/app/state/out", "hospital-out": "/app/out", "rounds": 3, "classes": json.dumps(CLASSES),
+                      "hospital-threads": 0, "paillier-public-key": "", "training-dataset": ""}
+    # the app template declares the keys, or Flower would refuse them in the run config
     template = (PROJECT / "src/fedbrain/federated/app/pyproject.toml").read_text()
-    assert 'classes = ""' in template and 'training-dataset = ""' in template
+    assert 'classes = ""' in template and 'training-dataset = ""' in template and 'hospital-out = ""' in template
+
+
+@pytest.mark.parametrize("n", [3, 5])
+def test_each_hospitals_clientapp_saves_its_personalized_models_on_a_writable_volume_of_its_own_pod(n):
+    """The run config's `hospital-out` is a writable emptyDir of each SuperNode pod, mounted in its
+    ClientApp container (the one that saves); `out` is the SuperLink pod's, which no SuperNode pod has,
+    and everything else in a SuperNode pod is read-only."""
+    docs = render(n, run_id=RUN, paillier_key=b'{"format": "not read here"}' if n == 5 else None)
+    federation = PodFederation(docs)
+    config = federation.run_config({"out": "/here/out"}, CLASSES)
+    where = config["hospital-out"]
+    for k in range(n):
+        doc = federation.supernodes[k]
+        pod = doc["spec"]["template"]["spec"]
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        by_container = {name: [m for m in c.get("volumeMounts", []) if m["mountPath"] == where]
+                        for name, c in containers(doc).items()}
+        assert by_container["supernode"] == []
+        (mount,) = by_container["clientapp"]
+        assert not mount.get("readOnly") and volumes[mount["name"]] == {"name": mount["name"], "emptyDir": {}}
+        assert all(c["securityContext"]["readOnlyRootFilesystem"] for c in containers(doc).values())
+        assert pod["securityContext"]["fsGroup"] == pod["securityContext"]["runAsUser"]  # the app's uid writes it
+        assert not any(m["mountPath"] == config["out"] or config["out"].startswith(m["mountPath"] + "/")
+                       for c in containers(doc).values() for m in c["volumeMounts"])
+        assert federation.hospital_folder(k) == ("clientapp", f"{where}/hospital_{k}")
+    # still valid Kubernetes objects, as test_k8s checks the base's (strict: unknown fields are errors)
+    for doc in docs:
+        assert kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True) == KUBERNETES_VERSION, key(doc)
 
 
 def test_a_kustomization_it_cannot_render_is_refused(tmp_path):
@@ -219,7 +252,8 @@ class FakeExec:
 class FakeKubernetes:
     """AppsV1Api, CoreV1Api and NetworkingV1Api in one object: the methods the launcher calls, over a
     store of models. Deployments become ready after `ready_after` reads (never: `never_ready`); each
-    Deployment has one running pod; exec runs the command on `pod_root` with this Python."""
+    Deployment has one running pod; exec runs the command with this Python on that pod's own files,
+    pod_root/<deployment>/ (`pod_dir`)."""
 
     def __init__(self, pod_root: Path, hospitals: int = 3, missing=(), never_ready=(), fail_delete=(),
                  fail_create=(), ready_after: int = 1):
@@ -248,6 +282,9 @@ class FakeKubernetes:
         if verb not in ("create", "read", "list", "delete") or suffix not in KINDS:
             raise AttributeError(method)
         return functools.partial(getattr(self, f"_{verb}"), method, KINDS[suffix])
+
+    def pod_dir(self, deployment: str) -> Path:
+        return self.pod_root / deployment
 
     def created_by_run(self) -> set[tuple[str, str]]:
         return {k for k, o in self.objects.items() if (o.metadata.labels or {}).get(RUN_LABEL)}
@@ -302,11 +339,12 @@ class FakeKubernetes:
             raise ApiException(status=404, reason="NotFound")
 
     def connect_get_namespaced_pod_exec(self, name, namespace, **kwargs):
-        """Runs `python3 -c <script> <args>` here, in this process, with the pod's paths under pod_root."""
+        """Runs `python3 -c <script> <args>` here, in this process, with the pod's paths under its pod_dir."""
         self.calls.append(("connect_get_namespaced_pod_exec", name, kwargs))
         command = kwargs["command"]
         assert command[:2] == ["python3", "-c"]
-        args = [str(self.pod_root / a.lstrip("/")) if a.startswith("/") else a for a in command[3:]]
+        root = self.pod_dir(name.rsplit("-", 2)[0])  # the pod's Deployment (pods are named <deployment>-<hash>-<id>)
+        args = [str(root / a.lstrip("/")) if a.startswith("/") else a for a in command[3:]]
         stdout, stderr, argv = io.StringIO(), io.StringIO(), sys.argv
         try:
             sys.argv = ["-c", *args]
@@ -326,12 +364,19 @@ class Unavailable(Exception):
         return SimpleNamespace(name="UNAVAILABLE")
 
 
+def personalized_model(k: int) -> bytes:
+    return MODEL[:1000] + bytes([k]) * 9000  # 10 kB, hospital k's own
+
+
 class FakeControl:
     """The SuperLink's Control API (control.Control's methods); start_run plays the ServerApp, writing its
-    output where the pod's `out` is."""
+    output where the SuperLink pod's `out` is, and with personalization each hospital's ClientApp but
+    `unsaved`, saving its personalized model where personal.save would in its own pod."""
 
-    def __init__(self, kube: FakeKubernetes, fail: str | None = None, unavailable: int = 0):
+    def __init__(self, kube: FakeKubernetes, fail: str | None = None, unavailable: int = 0, hospitals: int = 3,
+                 unsaved: tuple[int, ...] = ()):
         self.kube, self.fail, self.unavailable = kube, fail, unavailable
+        self.hospitals, self.unsaved = hospitals, unsaved
         self.registered: list[bytes] = []
         self.configs: list[dict] = []
         self.closed = False
@@ -350,7 +395,14 @@ class FakeControl:
         if self.fail == "submit":
             raise RuntimeError("submit failed")
         self.configs.append(config)
-        out = self.kube.pod_root / config["out"].lstrip("/")
+        if config.get("personalization", "none") != "none":
+            for k in set(range(self.hospitals)) - set(self.unsaved):
+                path = personal.hospital_model_path(self.kube.pod_dir(f"supernode-{k}") / config["hospital-out"].lstrip(
+                    "/"), k, config["role"])
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_bytes(personalized_model(k))
+                path.with_suffix(".json").write_text(json.dumps({"hospital": k}))
+        out = self.kube.pod_dir("superlink") / config["out"].lstrip("/")
         (out / "checkpoints" / config["role"]).mkdir(parents=True, exist_ok=True)
         (out / "checkpoints" / config["role"] / "state.json").write_text("{}")
         (out / f"{config['role']}.keras").write_bytes(MODEL)
@@ -383,7 +435,8 @@ class Clock:
 
 
 def cluster_run(tmp_path: Path, kube: FakeKubernetes, control: FakeControl, echo: list[str], hospitals: int = 3,
-                ready_timeout: float = 60.0, paillier_keys: tuple[Path, Path] | None = None):
+                ready_timeout: float = 60.0, paillier_keys: tuple[Path, Path] | None = None,
+                personalization: str = "none"):
     """A ClusterRun as cluster.run sets it up; `paillier_keys`: (public, private) files of ensure_keys."""
     settings = KubernetesSettings(ready_timeout=ready_timeout)
     public, private = paillier_keys or (None, None)
@@ -399,8 +452,9 @@ def cluster_run(tmp_path: Path, kube: FakeKubernetes, control: FakeControl, echo
     run = ClusterRun(Cluster(kube, kube, kube, settings.namespace, in_cluster=True), docs, RUN, settings,
                      tmp_path / "work", echo=echo.append, control_factory=factory, clock=clock.time,
                      sleep=clock.sleep, poll_s=1.0, chunk_bytes=4096)
-    configs = {"classifier": PodFederation(docs).run_config({"role": "classifier", "rounds": 2}, CLASSES,
-                                                            public.read_text() if public else "")}
+    configs = {"classifier": PodFederation(docs).run_config(
+        {"role": "classifier", "rounds": 2, "personalization": personalization}, CLASSES,
+        public.read_text() if public else "")}
     return run, configs, factory_calls
 
 
@@ -444,6 +498,10 @@ def test_a_run_creates_waits_registers_runs_collects_and_deletes(tmp_path):
     execs = [kwargs for m, _, kwargs in kube.calls if m == "connect_get_namespaced_pod_exec"]
     assert len(execs) >= 4  # pack, then pieces of 4096 bytes
     assert all(e["container"] == "serverapp" and e["_preload_content"] is False for e in execs)
+    # without personalization nothing comes out of the hospitals' pods
+    assert {name.rsplit("-", 2)[0] for m, name, _ in kube.calls if m == "connect_get_namespaced_pod_exec"} == {
+        "superlink"}
+    assert not list(out.glob("hospital_*"))
     assert kube.created_by_run() == set()
     assert control.closed
     deleted = [name for m, name, _ in kube.calls if m.startswith("delete_")]
@@ -452,6 +510,66 @@ def test_a_run_creates_waits_registers_runs_collects_and_deletes(tmp_path):
     # long-lived objects untouched
     assert ("Secret", "superlink-ca") in kube.objects and ("PersistentVolumeClaim", "hospital-0-data") in kube.objects
     assert any("waiting for SuperLink" in line for line in echo)
+
+
+def packed(kube: FakeKubernetes) -> list[tuple[str, str, str]]:
+    """(Deployment of the pod, container, folder) of every folder packed for copying, in order."""
+    return [(name.rsplit("-", 2)[0], kwargs["container"], kwargs["command"][3]) for m, name, kwargs in kube.calls
+            if m == "connect_get_namespaced_pod_exec" and kwargs["command"][2] == cluster.PACK_SCRIPT]
+
+
+@pytest.mark.parametrize("personalization", ["fedbn", "local_head"])
+def test_a_personalized_run_copies_each_hospitals_models_out_of_its_own_pod(tmp_path, personalization):
+    kube = FakeKubernetes(tmp_path / "pod")
+    control, echo = FakeControl(kube), []
+    run, configs, _ = cluster_run(tmp_path, kube, control, echo, personalization=personalization)
+    out = tmp_path / "out"
+
+    assert run.execute(configs, out) == {"classifier": "finished:completed"}
+
+    (config,) = control.configs
+    assert (config["out"], config["hospital-out"], config["personalization"]) == (
+        "/app/state/out", "/app/out", personalization)
+    # the global model from the SuperLink's pod, each hospital's own from its SuperNode pod's ClientApp
+    assert packed(kube) == [("superlink", "serverapp", "/app/state/out"),
+                            *[(f"supernode-{k}", "clientapp", f"/app/out/hospital_{k}") for k in range(3)]]
+    assert (out / "classifier.keras").read_bytes() == MODEL
+    for k in range(3):
+        assert (out / f"hospital_{k}" / "classifier.keras").read_bytes() == personalized_model(k)
+        assert json.loads((out / f"hospital_{k}" / "classifier.json").read_text()) == {"hospital": k}
+        assert sorted(p.name for p in (out / f"hospital_{k}").iterdir()) == ["classifier.json", "classifier.keras"]
+    # copied before the pods (and their emptyDirs) are deleted
+    calls = methods(kube)
+    assert max(i for i, m in enumerate(calls) if m == "connect_get_namespaced_pod_exec") < calls.index(
+        "delete_namespaced_deployment")
+    assert kube.created_by_run() == set()
+
+
+@pytest.mark.parametrize("fail", [None, "failed"])
+def test_a_hospital_without_its_personalized_model_is_a_warning_naming_it_and_its_pod(tmp_path, fail):
+    """A hospital the last evaluation did not sample saved no model: the run is still good (as locally),
+    and the warning names the hospital and its pod; the others' models are copied. When the run itself
+    failed, its error is the one reported and no hospital's pod is copied from."""
+    kube, echo = FakeKubernetes(tmp_path / "pod"), []
+    control = FakeControl(kube, fail=fail, unsaved=(1,))
+    run, configs, _ = cluster_run(tmp_path, kube, control, echo, personalization="fedbn")
+    out = tmp_path / "out"
+    if fail:
+        with pytest.raises(RuntimeError, match="ended as finished:failed"):
+            run.execute(configs, out)
+    else:
+        run.execute(configs, out)
+        warnings = [line for line in echo if line.startswith("WARNING")]
+        assert len(warnings) == 1 and re.search(
+            r"hospital 1's SuperNode pod supernode-1-5d8f9-x2x7q has no /app/out/hospital_1 to copy into "
+            r".*out/hospital_1; see its log: kubectl -n fedbrain logs supernode-1-5d8f9-x2x7q -c clientapp",
+            warnings[0])
+    assert (out / "classifier.keras").read_bytes() == MODEL
+    assert [deployment for deployment, _, _ in packed(kube)] == (
+        ["superlink"] if fail else ["superlink", "supernode-0", "supernode-1", "supernode-2"])
+    assert (out / "hospital_0").is_dir() == (not fail) and (out / "hospital_2").is_dir() == (not fail)
+    assert not (out / "hospital_1").exists()
+    assert kube.created_by_run() == set()
 
 
 def test_the_methods_called_exist_on_the_real_client():
@@ -659,6 +777,8 @@ def test_good_settings_and_what_is_not_supported_yet():
         with pytest.raises(InputError, match=message):
             cluster.check_supported(params, **{"resume": False, "insecure": False, **kwargs})
     cluster.check_supported(federated_params(secure_aggregation="paillier"), resume=False, insecure=False)
+    for personalization in ("fedbn", "local_head"):  # each hospital's model is copied out of its pod
+        cluster.check_supported(federated_params(personalization=personalization), resume=False, insecure=False)
     pod_params = cluster.cluster_params(params, settings.kubernetes)
     assert pod_params["mlflow"]["tracking_uri"] == "http://127.0.0.1:5000"
     assert "artifact_location" not in pod_params["mlflow"] and "artifact_location" in params["mlflow"]
@@ -677,6 +797,11 @@ def test_the_serverapp_takes_the_classes_from_the_run_config_when_it_has_no_data
     assert RunSettings.from_run_config(pods).class_info() == CLASSES
     assert RunSettings.from_run_config(pods).training_dataset == '{"name": "x-train"}'
     assert RunSettings.from_run_config(config).training_dataset == ""  # the local launcher: read from processed
+    # the hospitals save their personalized models on their own pods' volume; locally beside the global model
+    assert (RunSettings.from_run_config(pods).out, RunSettings.from_run_config(pods).hospital_out) == (
+        Path("/app/state/out"), Path("/app/out"))
+    assert RunSettings.from_run_config(config).hospital_out is None
+    assert RunSettings.from_run_config({**config, "hospital-out": ""}).hospital_out is None  # the template's default
     (tmp_path / "nowhere").mkdir()
     (tmp_path / "nowhere" / "classes.json").write_text(json.dumps({**CLASSES, "size": 64}))
     assert RunSettings.from_run_config({**config, "classes": ""}).class_info()["size"] == 64  # the local launcher's

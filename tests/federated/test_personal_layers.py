@@ -10,6 +10,7 @@ global model's values everywhere else.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -64,7 +65,7 @@ def test_a_hospital_trains_with_its_own_layers_and_sends_them_as_received():
     assert layers.trained_round == 1
 
 
-def test_the_mode_reaches_the_hospitals_and_a_wrong_one_or_the_kubernetes_launcher_is_refused(tmp_path):
+def test_the_mode_reaches_the_hospitals_a_wrong_one_is_refused_and_both_launchers_take_it(tmp_path):
     processed, partition = make_federated_data(tmp_path / "data", hospitals=2)
     params = federated_params(tmp_path, personalization="local_head")
     config = launcher.run_config(FederatedSettings.from_params(params), params, "classifier", processed, partition,
@@ -74,8 +75,17 @@ def test_the_mode_reaches_the_hospitals_and_a_wrong_one_or_the_kubernetes_launch
                                             ).personalization == "none"
     with pytest.raises(InputError, match=r"federated\.personalization' is 'fedper'; expected one of none, fedbn"):
         FederatedSettings.from_params(federated_params(tmp_path, personalization="fedper"))
-    with pytest.raises(InputError, match="personalization local_head: not yet with federated.launcher: kubernetes"):
-        cluster.check_supported(params, resume=False, insecure=False)
+    # kubernetes too: each hospital saves on its own pod's volume (run config hospital-out), whence the
+    # launcher copies it (tests/code/test_kubernetes_launcher.py); locally beside the global model, as before
+    cluster.check_supported(params, resume=False, insecure=False)
+    local = task.RunSettings.from_run_config(config)
+    weights = task.build(local, compiled=False).get_weights()
+    assert "hospital-out" not in config and local.hospital_out is None
+    assert personal.save(weights, local, 1, 2, {}) == personal.hospital_model_path(Path(config["out"]), 1, "classifier")
+    pod = task.RunSettings.from_run_config({**config, "hospital-out": str(tmp_path / "pod" / "out")})
+    saved = personal.save(weights, pod, 1, 2, {})
+    assert saved == tmp_path / "pod" / "out" / "hospital_1" / "classifier.keras" and saved.with_suffix(".json").is_file()
+    assert sorted(p.name for p in Path(config["out"]).iterdir()) == ["hospital_1"]  # nothing more written there
 
 
 @pytest.mark.parametrize("mode, aggregation", [("fedbn", "none"), ("local_head", "none"), ("fedbn", "paillier")])

@@ -20,8 +20,10 @@
    paths the ones the pods see (`PodFederation.run_config`), and streams the ServerApp's log to the end;
 6. copies the ServerApp's output folder out of its container (the SuperLink pod's `state` volume,
    through the exec API, as `kubectl cp` does) into `out`: the same files the local launcher leaves there
-   (<role>.keras and its card, history.json, checkpoints/, audit/). The ServerApp also logs the run to
-   the namespace's MLflow server (`federated.kubernetes.tracking_uri`), as it logs locally;
+   (<role>.keras and its card, history.json, checkpoints/, audit/), and with personalization each
+   hospital's hospital_<k>/ out of its SuperNode pod's `out` volume, where its ClientApp saved its
+   personalized models, into out/hospital_<k>/. The ServerApp also logs the run to the namespace's MLflow
+   server (`federated.kubernetes.tracking_uri`), as it logs locally;
 7. deletes every object labelled with the run id whatever happened (try/finally; SIGTERM becomes
    KeyboardInterrupt), and reports what it could not delete without raising over the run's own error.
 
@@ -58,6 +60,7 @@ from typing import Any
 from kubernetes.client.exceptions import ApiException
 
 from fedbrain.config import merged
+from fedbrain.dataset import hospital_dir
 from fedbrain.errors import InputError
 from fedbrain.federated.kube_api import Cluster
 from fedbrain.federated.pods import CREATED_KINDS, RUN_LABEL, PodFederation, new_run_id, render
@@ -66,16 +69,18 @@ from fedbrain.federated.settings import FederatedSettings, KubernetesSettings
 APP_TEMPLATE = Path(__file__).parent / "app"
 POLL_S = 2.0
 PROGRESS_S = 30.0
-# The ServerApp's output comes out of its container in pieces of this size: each exec's output is held in
-# memory (base64 text, by the client's stream and by us), and the output holds every round's model.
+# A folder comes out of a container (the ServerApp's output, a hospital's personalized models) in pieces
+# of this size: each exec's output is held in memory (base64 text, by the client's stream and by us), and
+# the ServerApp's output holds every round's model.
 CHUNK_BYTES = 16 * 2**20
-# Run in the ServerApp's container with the image's Python (it may have no tar): pack the output folder
-# into one file beside it and print its size; then print a piece of it, base64 (the exec API's text
-# stream carries that unchanged).
+# Run in the container with the image's Python (it may have no tar): pack the folder into one file beside
+# it and print its size, -1 when there is no such folder (a clearer error than a traceback); then print a
+# piece of it, base64 (the exec API's text stream carries that unchanged).
 PACK_SCRIPT = ("import os, sys, tarfile\n"
-               "with tarfile.open(sys.argv[2], 'w') as tar:\n"
-               "    tar.add(sys.argv[1], arcname='.')\n"
-               "print(os.path.getsize(sys.argv[2]))\n")
+               "if os.path.isdir(sys.argv[1]):\n"
+               "    with tarfile.open(sys.argv[2], 'w') as tar:\n"
+               "        tar.add(sys.argv[1], arcname='.')\n"
+               "print(os.path.getsize(sys.argv[2]) if os.path.isdir(sys.argv[1]) else -1)\n")
 CHUNK_SCRIPT = ("import base64, sys\n"
                 "with open(sys.argv[1], 'rb') as archive:\n"
                 "    archive.seek(int(sys.argv[2]))\n"
@@ -106,11 +111,6 @@ def check_supported(params: dict, resume: bool, insecure: bool) -> None:
     if resume:
         raise InputError("--resume: not yet with federated.launcher: kubernetes (the checkpoints would have to be "
                          "copied into the ServerApp's pod first); run again without --resume, or run locally")
-    personalization = (params.get("federated") or {}).get("personalization", "none")
-    if personalization != "none":
-        raise InputError(f"federated.personalization {personalization}: not yet with federated.launcher: kubernetes "
-                         f"(each hospital's personalized model would stay in its SuperNode's pod); use "
-                         f"personalization none, or run locally")
 
 
 def public_key(private: bytes) -> bytes:
@@ -168,7 +168,9 @@ class ClusterRun:
                             f"{len(keys)} SuperNodes")
             for role, config in configs.items():
                 statuses[role], flower_run = self.run_role(role, config)
-                self.collect(Path(out))
+                # A failed run's hospitals may have saved nothing: its own error is the one to report.
+                self.collect(Path(out), hospitals=statuses[role] == "finished:completed"
+                             and config.get("personalization", "none") != "none")
                 if statuses[role] != "finished:completed":
                     raise RuntimeError(f"federated {role} run {flower_run} ended as {statuses[role]}; its ServerApp "
                                        f"log is in {self.logs / f'serverapp_{flower_run}.log'}")
@@ -357,16 +359,34 @@ class ClusterRun:
         self.echo(f"kubernetes: {role} run {flower_run} {status} ({self.clock() - clock:.1f} s)")
         return status, flower_run
 
-    def collect(self, out: Path) -> None:
-        """Copy the ServerApp's output folder from its container into `out` (packed, in CHUNK_BYTES pieces)."""
-        container, folder = self.federation.serverapp
-        selector = self.federation.selector(self.federation.superlink, self.run_id)
+    def collect(self, out: Path, hospitals: bool = False) -> None:
+        """Copy the ServerApp's output folder from its container into `out`, and with `hospitals` each
+        hospital's personalized models from its SuperNode pod into out/hospital_<k>/."""
+        self._copy(self.federation.superlink, *self.federation.serverapp, out, "SuperLink")
+        if hospitals:
+            # A hospital the last evaluation did not sample (fraction_evaluate < 1) saved no model:
+            # the run is still good, as with the local launcher, so a missing folder is a warning.
+            for k, doc in sorted(self.federation.supernodes.items()):
+                self._copy(doc, *self.federation.hospital_folder(k), hospital_dir(out, k),
+                           f"hospital {k}'s SuperNode", missing_ok=True)
+
+    def _copy(self, deployment: dict, container: str, folder: str, out: Path, what: str,
+              missing_ok: bool = False) -> None:
+        """A folder of a container of the Deployment's running pod into `out` (packed, in chunk_bytes pieces)."""
+        selector = self.federation.selector(deployment, self.run_id)
         running = [p.metadata.name for p in self.cluster.list("Pod", selector)
                    if p.status is not None and p.status.phase == "Running"]
         if not running:
-            raise RuntimeError(f"kubernetes: no running SuperLink pod ({selector}) to copy {folder} from")
+            raise RuntimeError(f"kubernetes: no running {what} pod ({selector}) to copy {folder} from")
         pod, archive = running[0], f"{folder}.tar"
         size = int(self.cluster.exec(pod, container, ["python3", "-c", PACK_SCRIPT, folder, archive]).strip())
+        if size < 0:
+            missing = (f"kubernetes: {what} pod {pod} has no {folder} to copy into {out}; see its log: "
+                       f"kubectl -n {self.settings.namespace} logs {pod} -c {container}")
+            if not missing_ok:
+                raise RuntimeError(missing)
+            self.echo(f"WARNING: {missing}")
+            return
         with tempfile.TemporaryFile() as local:
             for offset in range(0, size, self.chunk_bytes):
                 local.write(base64.b64decode(self.cluster.exec(

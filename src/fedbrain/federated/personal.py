@@ -110,8 +110,9 @@ def hospital_model_path(out: Path, hospital: int, role: str) -> Path:
 
 def save(weights: list[np.ndarray], settings, hospital: int, server_round: int, privacy_report: dict) -> Path:
     """Hospital `hospital`'s personalized model (the global model of `server_round` with its own layers)
-    and its card, beside the run's global model (`hospital_<k>/<role>.keras`); run_id is none: its
-    evaluation is its own MLflow run, not the federated run's."""
+    and its card, beside the run's global model (`hospital_<k>/<role>.keras`; on Kubernetes in the
+    hospital's own pod, `settings.hospital_out`, whence the launcher copies it beside the global model);
+    run_id is none: its evaluation is its own MLflow run, not the federated run's."""
     from fedbrain.federated.task import build
     from fedbrain.train import save_model
 
@@ -126,7 +127,7 @@ def save(weights: list[np.ndarray], settings, hospital: int, server_round: int, 
             "aggregation": "paillier" if settings.encrypted else "fedavg", "strategy": settings.strategy.name,
             "personalization": settings.personalization, "hospital": hospital, "round": server_round,
             "federated_run": settings.run_name}
-    path = hospital_model_path(settings.out, hospital, settings.role)
+    path = hospital_model_path(settings.hospital_out or settings.out, hospital, settings.role)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_model(model, path, card)
     return path

@@ -251,7 +251,8 @@ def _arg(container: dict, flag: str) -> str | None:
 
 class PodFederation:
     """The rendered federation, and what a run needs to know of it: which Deployment is the SuperLink,
-    which are the SuperNodes, where the pods keep the CA, the keys, the data and the ServerApp's output."""
+    which are the SuperNodes, where the pods keep the CA, the keys, the data, the ServerApp's output and
+    the hospitals' personalized models."""
 
     def __init__(self, docs: list[dict]):
         self.docs = docs
@@ -350,16 +351,30 @@ class PodFederation:
                              f"write the ServerApp's output to")
         return container["name"], f"{mounts['state'].rstrip('/')}/out"
 
+    def _clientapp_path(self, volume: str) -> str:
+        """Where every hospital's ClientApp mounts `volume`: one path for all (the run config has one)."""
+        paths = set()
+        for doc in self.supernodes.values():
+            paths |= {m["mountPath"] for m in _clientapp(doc).get("volumeMounts", []) if m["name"] == volume}
+        if len(paths) != 1:
+            raise InputError(f"the SuperNodes' ClientApp containers mount volume `{volume}` at {sorted(paths)}; "
+                             f"expected one path for all")
+        return paths.pop().rstrip("/")
+
     @property
     def data_dir(self) -> str:
         """Where every hospital's ClientApp sees its data claim (volume `data`)."""
-        paths = set()
-        for doc in self.supernodes.values():
-            paths |= {m["mountPath"] for m in _clientapp(doc).get("volumeMounts", []) if m["name"] == "data"}
-        if len(paths) != 1:
-            raise InputError(f"the SuperNodes' ClientApp containers mount volume `data` at {sorted(paths)}; "
-                             f"expected one path for all")
-        return paths.pop().rstrip("/")
+        return self._clientapp_path("data")
+
+    @property
+    def hospital_out(self) -> str:
+        """Where every hospital's ClientApp saves its personalized models (volume `out`, of its own pod)."""
+        return self._clientapp_path("out")
+
+    def hospital_folder(self, k: int) -> tuple[str, str]:
+        """(container, folder) of hospital k's personalized models in its SuperNode pod (personal.save's
+        hospital_<k>/ under hospital_out)."""
+        return _clientapp(self.supernodes[k])["name"], f"{self.hospital_out}/hospital_{k}"
 
     def run_config(self, config: dict, classes: dict, paillier_public_key: str = "",
                    training_dataset: str = "") -> dict:
@@ -367,10 +382,12 @@ class PodFederation:
         processed/ and partition/ (as the stages write them), the ServerApp writes to its `state` volume
         and, having no data, gets classes.json and the training dataset's reference
         (tracking.dataset_reference, computed where the data is) in the config, and the Paillier public
-        key's JSON text (the key file's content; "" without encryption) in place of a path to it."""
+        key's JSON text (the key file's content; "" without encryption) in place of a path to it. Each
+        ClientApp saves its personalized models on its own pod's `out` volume (`hospital-out`): `out` is
+        the SuperLink pod's, which a SuperNode pod does not have (and its root filesystem is read-only)."""
         return {**config, "processed": f"{self.data_dir}/processed", "partition": f"{self.data_dir}/partition",
-                "out": self.serverapp[1], "classes": json.dumps(classes), "paillier-public-key": paillier_public_key,
-                "training-dataset": training_dataset,
+                "out": self.serverapp[1], "hospital-out": self.hospital_out, "classes": json.dumps(classes),
+                "paillier-public-key": paillier_public_key, "training-dataset": training_dataset,
                 # Each pod's TensorFlow sizes its own pools (the launcher sets no thread count there).
                 "hospital-threads": 0}
 

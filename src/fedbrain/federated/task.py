@@ -82,6 +82,10 @@ class RunSettings:
     strategy: StrategySettings = StrategySettings()
     # federated.personalization: none | fedbn | local_head (personal.py).
     personalization: str = "none"
+    # Where each hospital's ClientApp saves its personalized models (personal.save) when the run config
+    # says (the kubernetes launcher: a volume of the hospital's own pod, `out` being the SuperLink pod's);
+    # None: in `out`, as under the local launcher, where every process shares one filesystem.
+    hospital_out: Path | None = None
 
     @classmethod
     def from_run_config(cls, cfg) -> RunSettings:
@@ -122,6 +126,7 @@ class RunSettings:
             training_dataset=str(cfg.get("training-dataset", "")),
             strategy=StrategySettings.from_dict(json.loads(str(cfg.get("strategy") or "{}"))),
             personalization=str(cfg.get("personalization", "none")),
+            hospital_out=Path(str(cfg["hospital-out"])) if cfg.get("hospital-out") else None,
         )
 
     def class_info(self) -> dict:

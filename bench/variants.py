@@ -1,7 +1,7 @@
 """The federated variants side by side on the real 4-class set (not a test).
 
   .venv/bin/python bench/variants.py [fedavg paillier dp secure ...] [--rounds R] [--local-epochs E] [--reuse]
-                                     [--threads T]
+                                     [--threads T] [--suffix S]
 
 Each named variant (params.yaml `variants`) trains the classifier on brain-tumor-mri/Training,
 3 hospitals, Dirichlet alpha 0.5, through the real Deployment Engine (TLS and SuperNode
@@ -14,6 +14,7 @@ ask for:
   dp vs fedavg         accuracy difference (target within 5 points at epsilon <= 8)
   secure vs dp         round time (target <= 1.5), accuracy difference (target within 0.5 points)
 --reuse keeps a variant's model from an earlier call when it exists (build/bench/.../models/federated/<v>/).
+--suffix S trains into models/federated/<v>S/ instead (e.g. other rounds beside the default run).
 The data stages and the split are bench/centralized.py's (build/bench/brain-tumor-mri/).
 """
 
@@ -59,8 +60,9 @@ def summary(card: dict) -> dict:
     }
 
 
-def run_variant(variant: str, params: dict, processed: Path, parts: Path, models: Path, reuse: bool) -> dict:
-    out = models / "federated" / variant
+def run_variant(variant: str, params: dict, processed: Path, parts: Path, models: Path, reuse: bool,
+                suffix: str = "") -> dict:
+    out = models / "federated" / f"{variant}{suffix}"
     if not (reuse and (out / "classifier.keras").is_file()):
         start = time.perf_counter()
         launcher.run(params, processed, parts, out, variant=variant,
@@ -87,6 +89,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int)
     parser.add_argument("--local-epochs", type=int)
     parser.add_argument("--reuse", action="store_true", help="keep models an earlier call trained")
+    parser.add_argument("--suffix", default="", help="train into models/federated/<variant><suffix>/")
     parser.add_argument("--threads", type=int, help="federated.hospital_threads (default: params.yaml's); runs "
                         "compared for round time need the same")
     args = parser.parse_args()
@@ -101,7 +104,7 @@ def main() -> None:
     processed, parts = centralized.prepare(name, root, params)
     federated.check_partition(parts, partition)
     models = WORK / name / "models"
-    results = {v: run_variant(v, params, processed, parts, models, args.reuse) for v in args.variants}
+    results = {v: run_variant(v, params, processed, parts, models, args.reuse, args.suffix) for v in args.variants}
 
     fed = params["federated"]
     print(f"\nBENCH variants, classifier ({name}, {partition}): {fed['rounds']} rounds x {fed['local_epochs']} "

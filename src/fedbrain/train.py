@@ -423,8 +423,10 @@ def _temperature_card(model: tf.keras.Model, task: str, val: Split, batch_size: 
 def _privacy_plan(params: dict, opts: dict, role: str, examples: int, epochs: int):
     """(privacy settings, the DP-SGD plan or None): params' privacy section for the pooled run.
 
-    Class weights are off under DP: a weight scales an example's loss, so its clipped gradient
-    could count several times the clip norm the noise is calibrated to."""
+    Class weights are off under DP, as at the federated hospitals (federated.train.class_weight): the
+    weight scales an example's loss before its gradient is clipped, so privacy would hold, but an
+    example whose gradient is clipped gets the same norm whatever its weight, and the comparison
+    with the federated DP runs stays like for like."""
     from fedbrain.privacy.settings import PrivacySettings
 
     privacy = PrivacySettings.from_params(params)

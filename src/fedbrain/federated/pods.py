@@ -34,6 +34,7 @@ from typing import Any
 
 import yaml
 
+from fedbrain.dataset import hospital_dir
 from fedbrain.errors import InputError
 
 # k8s/base, shipped in the package: `manifests` is a link to ../../../k8s/base, which setuptools follows
@@ -374,7 +375,7 @@ class PodFederation:
     def hospital_folder(self, k: int) -> tuple[str, str]:
         """(container, folder) of hospital k's personalized models in its SuperNode pod (personal.save's
         hospital_<k>/ under hospital_out)."""
-        return _clientapp(self.supernodes[k])["name"], f"{self.hospital_out}/hospital_{k}"
+        return _clientapp(self.supernodes[k])["name"], str(hospital_dir(self.hospital_out, k))
 
     def run_config(self, config: dict, classes: dict, paillier_public_key: str = "",
                    training_dataset: str = "") -> dict:

@@ -236,7 +236,7 @@ def make_dataset(split: Split, task: str, num_classes: int, batch_size: int, see
     # One batch prepared ahead, by one thread, and tf.data's autotuning off. With AUTOTUNE, a
     # process sharing the cores with others (the hospitals of a federation on one machine) often
     # stalled 5-20 s when fit returned, while the pipeline was torn down: 3 hospitals of the full
-    # set on 2 cores lost 0-18 s per 1-epoch fit (bench/README, issue 22); alone it never did.
+    # set on 2 cores lost 0-19 s per 1-epoch fit (bench/README, issue 22); alone it never did.
     # Gathering and augmenting a batch costs a small part of a training step, so one thread keeps up.
     options = tf.data.Options()
     options.autotune.enabled = False

@@ -42,9 +42,6 @@ import tensorflow as tf  # noqa: E402
 
 import dp_settings  # noqa: E402  (bench/dp_settings.py: subset, NO_AUGMENT, SEED)
 from fedbrain.dataset import Split, load_split  # noqa: E402
-from fedbrain.privacy.dp_sgd import private_model  # noqa: E402
-from fedbrain.privacy.settings import PrivacySettings  # noqa: E402
-from fedbrain.train import compile_model, fit  # noqa: E402
 
 layers = tf.keras.layers
 # name: (J, head, batch, Adam rate, private); head: linear | pool<k> (k x k average first) | cnn<width>
@@ -96,20 +93,8 @@ def run(name: str, train: Split, val: Split, epochs: int, epsilon: float) -> dic
     _, kind, batch, rate, private = SETTINGS[name]
     tf.keras.utils.set_random_seed(dp_settings.SEED)
     model = head(train.images.shape[1:], kind, 4)
-    trainable, noise = model, 0.0
-    if private:
-        plan = PrivacySettings.from_params({"privacy": {"mode": "example", "target_epsilon": epsilon}}) \
-            .example_plan(len(train), batch, epochs, rounds=1)
-        noise = plan.noise_multiplier
-        trainable = private_model(model, 1.0, noise)
-    compile_model(trainable, "classification", rate, label_smoothing=0.1)
-    opts = {"batch_size": batch, "learning_rate": rate, "patience": epochs, "monitor": "val_accuracy",
-            "warmup_epochs": 2, "lr_schedule": "cosine", "augment": dp_settings.NO_AUGMENT}
-    start = time.perf_counter()
-    history = fit(trainable, train, val, "classification", opts, epochs, dp_settings.SEED, class_weight=not private,
-                  verbose=0)
-    return {"params": model.count_params(), "noise": noise, "best": max(history["val_accuracy"]),
-            "last": history["val_accuracy"][-1], "seconds": time.perf_counter() - start}
+    result = dp_settings.train_and_score(model, train, val, epochs, epsilon, batch, rate, private, augment=False)
+    return {"params": model.count_params(), **result}
 
 
 def main() -> None:

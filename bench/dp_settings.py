@@ -107,6 +107,17 @@ def run(name: str, train: Split, val: Split, epochs: int, epsilon: float) -> dic
         if transfer[1] == "head":
             for layer in model.layers[:-1]:
                 layer.trainable = False
+    result = train_and_score(model, train, val, epochs, epsilon, batch, rate, private, augment)
+    return {"name": name, "width": width, "batch": batch, "lr": rate, "augment": augment,
+            "noise": result["noise"], "params": model.count_params(), "best_val": result["best"],
+            "last_val": result["last"], "seconds": result["seconds"],
+            "noise_per_weight": result["noise"] / batch if private else 0.0}
+
+
+def train_and_score(model, train: Split, val: Split, epochs: int, epsilon: float, batch: int, rate: float,
+                    private: bool, augment: bool) -> dict:
+    """Train `model` (by DP-SGD to `epsilon` when `private`) and score it on `val` each epoch:
+    {noise, best, last, seconds}. bench/dp_features.py trains its heads with this too."""
     trainable, noise = model, 0.0
     if private:
         plan = PrivacySettings.from_params({"privacy": {"mode": "example", "target_epsilon": epsilon}}) \
@@ -118,12 +129,8 @@ def run(name: str, train: Split, val: Split, epochs: int, epsilon: float) -> dic
             "warmup_epochs": 2, "lr_schedule": "cosine", **({} if augment else {"augment": NO_AUGMENT})}
     start = time.perf_counter()
     history = fit(trainable, train, val, "classification", opts, epochs, SEED, class_weight=not private, verbose=0)
-    seconds = time.perf_counter() - start
-    val_accuracy = history["val_accuracy"]
-    return {"name": name, "width": width, "batch": batch, "lr": rate, "augment": augment,
-            "noise": noise, "params": model.count_params(), "best_val": max(val_accuracy),
-            "last_val": val_accuracy[-1], "seconds": seconds,
-            "noise_per_weight": noise / batch if private else 0.0}
+    return {"noise": noise, "best": max(history["val_accuracy"]), "last": history["val_accuracy"][-1],
+            "seconds": time.perf_counter() - start}
 
 
 def main() -> None:

@@ -54,6 +54,7 @@ import pandas as pd
 
 from fedbrain import explain, reliability
 from fedbrain import segmentation_scores as scores
+from fedbrain import test_time
 from fedbrain.config import get
 from fedbrain.curves import write_curves
 from fedbrain.dataset import HOSPITAL_FOLDER, Split, hospital_test_parts, load_classes, load_split, write_text_atomic
@@ -371,7 +372,10 @@ def evaluate_model(path: Path, models: Path, test: Split, classes: list[str], se
     if expected != tuple(test.images.shape[1:]):
         raise InputError(f"{path}: expects inputs {expected}, the test split has {tuple(test.images.shape[1:])}; "
                          "it was trained on other preprocessing: retrain it")
-    proba = model.predict(test.images, batch_size=settings["batch_size"], verbose=0)
+    if info["task"] == "segmentation":
+        proba = test_time.segment(model, test.images, settings["batch_size"], settings.get("test_time_flips"))
+    else:
+        proba = model.predict(test.images, batch_size=settings["batch_size"], verbose=0)
     audit = None if membership is None else {"status": membership_audit.CLASSIFIERS_ONLY}
     run_plots = plots / info["run"]
     title = f"{info['run']} ({info['model']})"
@@ -423,7 +427,8 @@ def run(params: dict, processed: Path, partition: Path, models: Path, out: Path)
                 "log_mlflow": get(sec, "log_mlflow", bool, "evaluate", default=True),
                 "register": get(sec, "register", bool, "evaluate", default=True),
                 "postprocess_min_pixels": get(sec, "postprocess_min_pixels", (int, type(None)), "evaluate",
-                                              default=None)}
+                                              default=None),
+                "test_time_flips": test_time.check_flips(sec.get("test_time_flips"))}
     audit_sec = sec.get("audit") or {}
     if not isinstance(audit_sec, dict):
         raise InputError("params.yaml: 'evaluate.audit' must be a mapping (members, seed)")

@@ -140,9 +140,14 @@ def run(params: dict, model: str | Path, images: list[str], out: Path = Path("pr
     preprocess = params.get("preprocess") or {}
     inputs = [read_input(str(source), size, channels, preprocess, slice_index) for source in images]
     batch = np.stack([array for array, _ in inputs]).astype(np.float32)
-    outputs = network.predict(batch, verbose=0)
+    inference = params.get("evaluate") or {}
+    threshold = get(inference, "threshold", float, "evaluate", default=0.5)
+    if len(network.output_shape) == 4:  # a segmenter, with the flips evaluate scored it with
+        from fedbrain import test_time
 
-    threshold = get(params.get("evaluate") or {}, "threshold", float, "evaluate", default=0.5)
+        outputs = test_time.segment(network, batch, 32, test_time.check_flips(inference.get("test_time_flips")))
+    else:
+        outputs = network.predict(batch, verbose=0)
     results = []
     if outputs.ndim == 4:  # segmenter: a tumour probability per pixel
         for source, (_, shape), proba in zip(images, inputs, outputs):

@@ -143,7 +143,7 @@ def _rotation_transforms(angles, height: float, width: float):
 
 
 def augment_batch(images, masks, seed, augment: dict):
-    """Random rotation, flips and brightness for a batch; masks follow the same geometry.
+    """Random rotation, flips, brightness and `scanner_intensity` for a batch; masks follow the geometry.
 
     Stateless ops seeded by (fit seed, batch number): the same run gives the same batches.
     Images are interpolated bilinearly, masks with nearest neighbour so they stay binary.
@@ -177,7 +177,46 @@ def augment_batch(images, masks, seed, augment: dict):
     if brightness > 0:
         delta = tf.random.stateless_uniform([n, 1, 1, 1], seeds[3], -brightness, brightness)
         images = tf.clip_by_value(images + delta, 0.0, 1.0)
-    return images, masks
+    return scanner_intensity(images, tf.random.experimental.stateless_fold_in(seed, 1), augment), masks
+
+
+INTENSITY_AUGMENTS = ("gamma", "contrast", "channel_scale", "noise")
+
+
+def scanner_intensity(images, seed, augment: dict):
+    """What another scanner or protocol does to a [0, 1] image's intensities (masks do not move):
+    gamma, contrast about the image's mean, a gain per channel (MR sequences are scaled
+    independently), Gaussian noise. Each setting is the largest change drawn, uniformly per image:
+      gamma g:          intensity ** gamma, gamma log-uniform in [1 / (1 + g), 1 + g]
+      contrast c:       mean + (x - mean) * k per image and channel, k in [1 - c, 1 + c]
+      channel_scale s:  x * k per image and channel, k in [1 - s, 1 + s]
+      noise sigma:      x + N(0, sd^2), sd uniform in [0, sigma] per image
+    0 (the default) leaves that one out. Seeded apart from the geometric draws (fold_in), so turning
+    these on does not change a run's flips and rotations. Clipped to [0, 1] as training expects."""
+    for key in INTENSITY_AUGMENTS:
+        if float(augment.get(key, 0.0)) < 0:
+            raise InputError(f"params.yaml: 'train.*.augment.{key}' is {augment[key]}; use 0 (off) or a "
+                             "positive amount")
+    gamma, contrast = float(augment.get("gamma", 0.0)), float(augment.get("contrast", 0.0))
+    scale, noise = float(augment.get("channel_scale", 0.0)), float(augment.get("noise", 0.0))
+    if not (gamma or contrast or scale or noise):
+        return images
+    n, channels = tf.shape(images)[0], tf.shape(images)[3]
+    seeds = tf.random.experimental.stateless_split(seed, 5)
+    if gamma > 0:
+        log_gamma = tf.random.stateless_uniform([n, 1, 1, 1], seeds[0], -math.log1p(gamma), math.log1p(gamma))
+        # The small floor keeps the gradient-free pow away from 0 ** negative; values stay in [0, 1].
+        images = tf.pow(tf.maximum(images, 1e-6), tf.exp(log_gamma))
+    if contrast > 0:
+        factor = tf.random.stateless_uniform([n, 1, 1, channels], seeds[1], 1.0 - contrast, 1.0 + contrast)
+        mean = tf.reduce_mean(images, axis=[1, 2], keepdims=True)
+        images = mean + (images - mean) * factor
+    if scale > 0:
+        images = images * tf.random.stateless_uniform([n, 1, 1, channels], seeds[2], 1.0 - scale, 1.0 + scale)
+    if noise > 0:
+        sd = tf.random.stateless_uniform([n, 1, 1, 1], seeds[3], 0.0, noise)
+        images = images + sd * tf.random.stateless_normal(tf.shape(images), seeds[4])
+    return tf.clip_by_value(images, 0.0, 1.0)
 
 
 def epoch_indices(split: Split, task: str, oversample_tumour: int = 1) -> np.ndarray:

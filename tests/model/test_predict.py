@@ -50,6 +50,20 @@ def test_segmenter_writes_a_mask_at_the_original_size(tmp_path):
     assert mask.shape == (48, 64) and set(np.unique(mask)) <= {0, 255}
 
 
+def test_segmenter_with_test_time_flips_scores_the_mirrored_slice_too_and_a_bad_flip_names_the_key(tmp_path):
+    model = tmp_path / "segmenter.keras"
+    save_model(build_model("unet", (32, 32, 3), 2), model, {"task": "segmentation"})
+    image = tmp_path / "slice_7.tif"
+    Image.fromarray(np.random.default_rng(1).integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(image)
+    flips = {**PARAMS, "evaluate": {"threshold": 0.5, "test_time_flips": ["horizontal"]}}
+    [result] = predict(flips, model, [str(image)], out=tmp_path / "out")
+    assert np.asarray(Image.open(result["mask"])).shape == (48, 64)
+    bad = {**PARAMS, "evaluate": {"test_time_flips": ["sideways"]}}
+    with pytest.raises(InputError, match=r"evaluate\.test_time_flips"):
+        predict(bad, model, [str(image)], out=tmp_path / "bad")
+    assert not (tmp_path / "bad").exists()
+
+
 def test_corrupt_file_is_named_and_nothing_is_written(classifier, tmp_path):
     bad = tmp_path / "broken.jpg"
     bad.write_bytes(b"\xff\xd8\xff not really a jpeg")

@@ -220,3 +220,39 @@ def test_training_batches_hold_each_image_once_and_each_epoch_is_one_pass(count,
         assert len(batch) == len(set(batch))
     epochs = [sum(batches[e * steps:(e + 1) * steps], []) for e in range(3)]
     assert all(sorted(epoch) == list(range(count)) for epoch in epochs)
+
+
+def test_scanner_intensity_changes_intensities_only_and_keeps_the_geometric_draws():
+    rng = np.random.default_rng(0)
+    images = rng.uniform(0.0, 1.0, (6, 16, 16, 3)).astype("float32")
+    masks = (images[..., :1] > 0.5).astype("float32")
+    seed = tf.constant([3, 7], tf.int64)
+    geometry = {"rotation_deg": 15, "hflip": True, "vflip": True, "brightness": 0.0}
+    plain_images, plain_masks = augment_batch(tf.constant(images), tf.constant(masks), seed, geometry)
+    scanner = {**geometry, "gamma": 0.5, "contrast": 0.3, "channel_scale": 0.2, "noise": 0.05}
+    out_images, out_masks = augment_batch(tf.constant(images), tf.constant(masks), seed, scanner)
+    # Same flips and rotations (masks identical), other intensities, still in [0, 1].
+    np.testing.assert_array_equal(out_masks.numpy(), plain_masks.numpy())
+    assert not np.allclose(out_images.numpy(), plain_images.numpy(), atol=1e-3)
+    assert out_images.numpy().min() >= 0.0 and out_images.numpy().max() <= 1.0
+    # Gains differ between channels of one image (per-channel scaling, not one factor for all).
+    ratios = (out_images.numpy() / np.maximum(plain_images.numpy(), 1e-3)).mean(axis=(1, 2))
+    assert np.ptp(ratios, axis=1).max() > 0.02
+    # Gamma alone: one exponent per image (the same for all its pixels), drawn anew for each image
+    # within [1 / 1.5, 1.5].
+    only_gamma = augment_batch(tf.constant(images), None, seed, {"gamma": 0.5})[0].numpy()
+    inside = (images > 0.05) & (images < 0.95)
+    exponents = [np.log(only_gamma[k][inside[k]]) / np.log(images[k][inside[k]]) for k in range(len(images))]
+    assert max(np.ptp(e) for e in exponents) < 1e-3
+    gammas = np.array([e.mean() for e in exponents])
+    assert np.ptp(gammas) > 0.05 and gammas.min() >= 1 / 1.5 - 1e-4 and gammas.max() <= 1.5 + 1e-4
+
+
+def test_scanner_intensity_off_is_the_identity_and_a_negative_amount_names_its_key():
+    images = tf.constant(np.random.default_rng(1).uniform(0, 1, (2, 8, 8, 1)).astype("float32"))
+    from fedbrain.train import scanner_intensity
+
+    same = scanner_intensity(images, tf.constant([1, 2], tf.int64), {"gamma": 0, "noise": 0.0})
+    np.testing.assert_array_equal(same.numpy(), images.numpy())
+    with pytest.raises(InputError, match=r"augment\.contrast"):
+        scanner_intensity(images, tf.constant([1, 2], tf.int64), {"contrast": -0.1})

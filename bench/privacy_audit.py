@@ -20,6 +20,8 @@ accountant's epsilon (its delta and accounting, from the model card), the empiri
 with m, k+, k-, right guesses and the most a perfect guesser could show, test accuracy, and whether
 lower bound <= accountant epsilon (the issue's target for every DP run; a violation is printed as a
 WARNING: it means a bug). For fedavg the target is a bound clearly above 0: the audit sees leakage.
+Then evaluate's membership audit of each run's model (issue 18 item 1: loss and calibrated attacks, every
+test image a non-member) side by side: each DP run's AUC should be closer to 0.5 than fedavg's.
 Each DP run's per-hospital accounting is checked to count the hospital's canaries as training images.
 
 Data: the embedded sample data/sample/brain-tumor-mri (400 images, about 280 for training) by
@@ -58,7 +60,7 @@ sys.path.insert(0, str(BENCH))
 sys.path.insert(0, str(BENCH.parent / "src"))
 
 import centralized  # noqa: E402  (bench/centralized.py: params_for, prepare, WORK, SHARED)
-import federated  # noqa: E402  (bench/federated.py: check_partition, test_metrics)
+import federated  # noqa: E402  (bench/federated.py: check_partition)
 import pandas as pd  # noqa: E402
 
 from fedbrain import train  # noqa: E402
@@ -164,6 +166,60 @@ def accounting_check(run: str, params: dict, card: dict, counts: dict[int, int],
     return lines, ok
 
 
+def membership_audit(path: Path, models: Path, processed: Path, parts: Path, params: dict,
+                     plots: Path) -> tuple[dict, dict]:
+    """The model's test metrics and evaluate's membership audit (issue 18 item 1: loss and calibrated
+    attacks) with every test image a non-member and as many of the partition's training images as
+    members (class by class): the audit of the same model the canaries scored, so the AUCs of the
+    private and non-private runs are printed side by side. Members come from the original partition
+    (images trained on with their true label; the canaries are extra rows of some of them)."""
+    from fedbrain import evaluate
+    from fedbrain.dataset import load_split
+    from fedbrain.privacy import audit
+
+    test = load_split(processed, parts, "test")
+    sample = audit.membership_sample(processed, parts, len(test), params["evaluate"]["audit"]["seed"], test)
+    settings = {"threshold": params["evaluate"]["threshold"], "overlays": params["evaluate"]["overlays"],
+                "batch_size": params["evaluate"]["batch_size"], "audit": params["evaluate"]["audit"]}
+    result = evaluate.evaluate_model(path, models, test, list(load_classes(processed)["classes"]), settings, plots,
+                                     membership=sample)
+    return result["metrics"], result["audit"]
+
+
+def auc_error(members: int, nonmembers: int) -> float:
+    """Standard error of a ROC AUC of 0.5 (scores that do not separate; Hanley & McNeil 1982)."""
+    return ((members + nonmembers + 1) / (12 * members * nonmembers)) ** 0.5
+
+
+def membership_lines(results: dict) -> list[str]:
+    """The runs' membership-inference AUCs side by side, and whether each DP run's is closer to 0.5
+    than the non-private run's (issue 18's target), with the AUC's sampling error to read it by."""
+    lines = ["\nmembership inference (evaluate's audit: every test image a non-member, as many training images "
+             "members, class by class; AUC 0.5 = no measurable leak):",
+             "| run | epsilon | members + non-members | AUC loss attack | AUC calibrated attack | |AUC - 0.5| of the "
+             "stronger | member - non-member accuracy |", "|---|---|---|---|---|---|---|"]
+    distance = {}
+    for run, r in results.items():
+        m = r["membership"]
+        if m.get("status") != "audited":
+            lines.append(f"| {run} | | {m.get('status')} | | | | |")
+            continue
+        distance[run] = abs(m["auc"] - 0.5)
+        epsilon = r["card"].get("epsilon")
+        lines.append(f"| {run} | {'none' if epsilon is None else f'{epsilon:.2f}'} | {m['members']} + {m['nonmembers']} "
+                     f"| {m['attacks']['loss']['auc']:.3f} | {m['attacks']['calibrated']['auc']:.3f} | "
+                     f"{distance[run]:.3f} | {m['accuracy_gap']:+.3f} |")
+    if "fedavg" in distance:
+        error = auc_error(results["fedavg"]["membership"]["members"], results["fedavg"]["membership"]["nonmembers"])
+        for run in distance:
+            if results[run]["card"].get("epsilon") is not None:
+                closer = distance[run] < distance["fedavg"]
+                lines.append(f"  {run}: AUC closer to 0.5 than fedavg's (target): {'yes' if closer else 'NO'} "
+                             f"({distance[run]:.3f} vs {distance['fedavg']:.3f}; an AUC's sampling error at 0.5 "
+                             f"is {error:.3f} here)")
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("runs", nargs="*", default=list(RUNS), help=f"any of {', '.join(RUNS)} (default: all)")
@@ -212,9 +268,10 @@ def main() -> None:
         dp_run = card.get("epsilon") is not None
         delta = card["delta"] if dp_run else planned_delta
         audit = one_run_audit.audit_canaries(scores, canaries["included"].to_numpy(), k, k, delta, CONFIDENCE)
-        metrics = federated.test_metrics(path, models, processed, parts, params, work / "reports" / run)
+        metrics, membership = membership_audit(path, models, processed, parts, params, work / "reports" / run)
         check = accounting_check(run, params, card, counts, original) if dp_run else ([], True)
-        results[run] = {"card": card, "audit": audit, "metrics": metrics, "check": check, "minutes": minutes}
+        results[run] = {"card": card, "audit": audit, "metrics": metrics, "check": check, "minutes": minutes,
+                        "membership": membership}
 
     fed = params["federated"]
     print(f"\nBENCH privacy audit, one run each (Steinke, Nasr & Jagielski 2023), {ROLE} on {label} "
@@ -254,6 +311,7 @@ def main() -> None:
               + (f", trained in {r['minutes']:.1f} min" if r["minutes"] else " (reused)"))
         for line in r["check"][0]:
             print(line)
+    print("\n".join(membership_lines(results)))
     for text in warnings:
         print(f"\n{'!' * 100}\nWARNING {text}\n{'!' * 100}", flush=True)
 

@@ -211,12 +211,16 @@ def membership_lines(results: dict) -> list[str]:
                      f"{distance[run]:.3f} | {m['accuracy_gap']:+.3f} |")
     if "fedavg" in distance:
         error = auc_error(results["fedavg"]["membership"]["members"], results["fedavg"]["membership"]["nonmembers"])
+        # The canaries' "in" / "out" scores are a membership attack too, on worst-case examples (wrong labels).
+        canary = {run: abs(r["audit"]["score_auc"] - 0.5) for run, r in results.items()}
         for run in distance:
             if results[run]["card"].get("epsilon") is not None:
                 closer = distance[run] < distance["fedavg"]
                 lines.append(f"  {run}: AUC closer to 0.5 than fedavg's (target): {'yes' if closer else 'NO'} "
                              f"({distance[run]:.3f} vs {distance['fedavg']:.3f}; an AUC's sampling error at 0.5 "
-                             f"is {error:.3f} here)")
+                             f"is {error:.3f} here); on the canaries (in vs out): "
+                             f"{'yes' if canary[run] < canary['fedavg'] else 'NO'} ({canary[run]:.3f} vs "
+                             f"{canary['fedavg']:.3f} from 0.5)")
     return lines
 
 

@@ -4,6 +4,9 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PYTHON=${PYTHON:-python3.11}
 command -v "$PYTHON" >/dev/null || { echo "error: $PYTHON not found; fedbrain needs Python 3.11 (set PYTHON=/path/to/python3.11)" >&2; exit 1; }
+# 3.11.4 added tarfile's extraction filters, which the Kubernetes launcher uses to copy models safely.
+"$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11, 4))' || {
+  echo "error: $PYTHON is $("$PYTHON" -V 2>&1); fedbrain needs Python 3.11.4 or a later 3.11 (set PYTHON=/path/to/python3.11)" >&2; exit 1; }
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 stamp=.venv/.fedbrain-installed
 want=$(cat pyproject.toml requirements.lock | sha256sum | cut -d' ' -f1)

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fedbrain import test_time
 from fedbrain.config import get
 from fedbrain.errors import InputError
 
@@ -143,8 +144,6 @@ def run(params: dict, model: str | Path, images: list[str], out: Path = Path("pr
     inference = params.get("evaluate") or {}
     threshold = get(inference, "threshold", float, "evaluate", default=0.5)
     if len(network.output_shape) == 4:  # a segmenter, with the flips evaluate scored it with
-        from fedbrain import test_time
-
         outputs = test_time.segment(network, batch, 32, test_time.check_flips(inference.get("test_time_flips")))
     else:
         outputs = network.predict(batch, verbose=0)

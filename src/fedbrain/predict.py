@@ -143,10 +143,12 @@ def run(params: dict, model: str | Path, images: list[str], out: Path = Path("pr
     batch = np.stack([array for array, _ in inputs]).astype(np.float32)
     inference = params.get("evaluate") or {}
     threshold = get(inference, "threshold", float, "evaluate", default=0.5)
+    batch_size = get(inference, "batch_size", int, "evaluate", default=64)  # evaluate's: same memory bound
     if len(network.output_shape) == 4:  # a segmenter, with the flips evaluate scored it with
-        outputs = test_time.segment(network, batch, 32, test_time.check_flips(inference.get("test_time_flips")))
+        outputs = test_time.segment(network, batch, batch_size,
+                                    test_time.check_flips(inference.get("test_time_flips")))
     else:
-        outputs = network.predict(batch, verbose=0)
+        outputs = network.predict(batch, batch_size=batch_size, verbose=0)
     results = []
     if outputs.ndim == 4:  # segmenter: a tumour probability per pixel
         for source, (_, shape), proba in zip(images, inputs, outputs):

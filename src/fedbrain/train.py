@@ -192,11 +192,8 @@ def scanner_intensity(images, seed, augment: dict):
       channel_scale s:  x * k per image and channel, k in [1 - s, 1 + s]
       noise sigma:      x + N(0, sd^2), sd uniform in [0, sigma] per image
     0 (the default) leaves that one out. Seeded apart from the geometric draws (fold_in), so turning
-    these on does not change a run's flips and rotations. Clipped to [0, 1] as training expects."""
-    for key in INTENSITY_AUGMENTS:
-        if float(augment.get(key, 0.0)) < 0:
-            raise InputError(f"params.yaml: 'train.*.augment.{key}' is {augment[key]}; use 0 (off) or a "
-                             "positive amount")
+    these on does not change a run's flips and rotations. Clipped to [0, 1] as training expects.
+    The amounts are checked by `check_augment` before the input pipeline traces this."""
     gamma, contrast = float(augment.get("gamma", 0.0)), float(augment.get("contrast", 0.0))
     scale, noise = float(augment.get("channel_scale", 0.0)), float(augment.get("noise", 0.0))
     if not (gamma or contrast or scale or noise):
@@ -217,6 +214,20 @@ def scanner_intensity(images, seed, augment: dict):
         sd = tf.random.stateless_uniform([n, 1, 1, 1], seeds[3], 0.0, noise)
         images = images + sd * tf.random.stateless_normal(tf.shape(images), seeds[4])
     return tf.clip_by_value(images, 0.0, 1.0)
+
+
+def check_augment(augment: dict) -> None:
+    """InputError naming the key for an intensity amount that is negative or not a number: checked
+    once before the input pipeline is built, not inside its traced map."""
+    for key in INTENSITY_AUGMENTS:
+        value = augment.get(key, 0.0)
+        try:
+            bad = float(value) < 0
+        except (TypeError, ValueError):
+            bad = True
+        if bad or isinstance(value, bool):
+            raise InputError(f"params.yaml: 'train.*.augment.{key}' is {value!r}; use 0 (off) or a "
+                             "positive amount")
 
 
 def epoch_indices(split: Split, task: str, oversample_tumour: int = 1) -> np.ndarray:
@@ -343,6 +354,7 @@ def fit(model: tf.keras.Model, train: Split, val: Split | None, task: str, train
         raise InputError("the training split is empty: nothing to fit")
     opts = {**FIT_DEFAULTS, **(train_params or {})}
     opts["augment"] = {**FIT_DEFAULTS["augment"], **(opts.get("augment") or {})}
+    check_augment(opts["augment"])
     where = "train"
     batch_size = get(opts, "batch_size", int, where)
     schedule = get(opts, "lr_schedule", str, where, choices=("cosine", "constant"))

@@ -64,6 +64,16 @@ def test_segmenter_with_test_time_flips_scores_the_mirrored_slice_too_and_a_bad_
     assert not (tmp_path / "bad").exists()
 
 
+def test_classifier_batches_by_evaluate_batch_size_with_the_same_probabilities(classifier, tmp_path):
+    images = [str(_jpeg(tmp_path / f"{k}.jpg")) for k in range(3)]
+    whole = predict(PARAMS, classifier, images)
+    small = predict({**PARAMS, "evaluate": {"batch_size": 2}}, classifier, images)
+    for a, b in zip(whole, small):
+        assert a["probabilities"] == pytest.approx(b["probabilities"], abs=1e-5)
+    with pytest.raises(InputError, match=r"evaluate\.batch_size"):
+        predict({**PARAMS, "evaluate": {"batch_size": "big"}}, classifier, images)
+
+
 def test_corrupt_file_is_named_and_nothing_is_written(classifier, tmp_path):
     bad = tmp_path / "broken.jpg"
     bad.write_bytes(b"\xff\xd8\xff not really a jpeg")

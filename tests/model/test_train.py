@@ -125,6 +125,17 @@ def test_fit_learns_and_returns_shared_history_keys(classification_data):
     assert len(history["loss"]) == 2 and all(np.isfinite(history["loss"]))
 
 
+def test_fit_refuses_a_negative_intensity_amount_before_training(classification_data):
+    processed, partition = classification_data
+    train = load_split(processed, partition, "train")
+    model = compile_model(build_model("cnn", (32, 32, 1), 4), "classification", 3e-3)
+    before = [w.copy() for w in model.get_weights()]
+    with pytest.raises(InputError, match=r"augment\.noise"):
+        fit(model, train, None, "classification", {"batch_size": 8, "augment": {"noise": -0.05}}, epochs=1, seed=0,
+            verbose=0)
+    assert all(np.array_equal(a, b) for a, b in zip(before, model.get_weights()))
+
+
 def test_default_classifier_predicts_above_chance_after_few_steps(classification_data):
     """A small set (the embedded sample, one hospital): a few steps per epoch. Predictions use the
     BatchNormalization moving statistics, which must have caught up with the weights by then."""
@@ -254,5 +265,9 @@ def test_scanner_intensity_off_is_the_identity_and_a_negative_amount_names_its_k
 
     same = scanner_intensity(images, tf.constant([1, 2], tf.int64), {"gamma": 0, "noise": 0.0})
     np.testing.assert_array_equal(same.numpy(), images.numpy())
-    with pytest.raises(InputError, match=r"augment\.contrast"):
-        scanner_intensity(images, tf.constant([1, 2], tf.int64), {"contrast": -0.1})
+    from fedbrain.train import check_augment
+
+    for bad in (-0.1, "a lot", None, True):
+        with pytest.raises(InputError, match=r"augment\.contrast"):
+            check_augment({"contrast": bad})
+    check_augment({"contrast": 0.2, "gamma": 0})

@@ -92,3 +92,56 @@ def test_bad_size_param(tmp_path, class_folder_root):
     params = params_for(class_folder_root, size="big")
     with pytest.raises(InputError, match="'preprocess.size' is 'big'; expected int"):
         preprocess.run(params, manifest=tmp_path / "m.parquet", out=tmp_path / "p")
+
+
+def _lgg_patient(root, name, brightness):
+    """A TCGA-named patient folder: one slice per value of `brightness` (mean intensity), masks empty."""
+    folder = root / name
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(len(brightness))
+    for k, level in enumerate(brightness, start=1):
+        pixels = np.clip(rng.normal(level, 5, (64, 64, 3)), 0, 255).astype(np.uint8)
+        pixels[:8] = 0  # background
+        Image.fromarray(pixels).save(folder / f"{name}_{k}.tif")
+        Image.fromarray(np.zeros((64, 64), np.uint8)).save(folder / f"{name}_{k}_mask.tif")
+
+
+def test_volume_intensity_gives_a_patients_slices_one_scale(tmp_path):
+    """A dim and a bright slice of one patient: per slice both span [0, 1]; per volume the dim one
+    stays dimmer, and another patient's scale is its own."""
+    root = tmp_path / "lgg"
+    _lgg_patient(root, "TCGA_CS_0001_20000101", [60, 180])
+    _lgg_patient(root, "TCGA_DU_0002_20000101", [100])
+    by_slice = {}
+    for scope in ("slice", "volume"):
+        params, info = stage(tmp_path / scope, root, intensity=scope)
+        index = pd.read_parquet(tmp_path / scope / "processed" / "index.parquet")
+        images = np.load(tmp_path / scope / "processed" / "images.npy")
+        by_slice[scope] = {row.image_id: images[row.row] for row in index.itertuples()}
+        assert images.min() >= 0 and images.max() <= 1 and np.isfinite(images).all()
+    dim, bright = "TCGA_CS_0001_20000101_1", "TCGA_CS_0001_20000101_2"
+    assert by_slice["slice"][dim].max() == 1 and by_slice["slice"][bright].max() == 1
+    foreground = slice(8, None)
+    assert by_slice["volume"][dim][foreground].mean() < 0.5 * by_slice["volume"][bright][foreground].mean()
+    # The other patient, alone in its volume, spans its own range.
+    assert by_slice["volume"]["TCGA_DU_0002_20000101_1"].max() == 1
+
+
+def test_volume_groups_rows_by_patient_and_a_row_without_one_stands_alone():
+    table = pd.DataFrame({"patient_id": ["a", None, "b", "a", np.nan]})
+    assert [list(rows) for rows in preprocess.volumes(table)] == [[0, 3], [1], [2], [4]]
+
+
+def test_volume_of_one_constant_channel_is_zero_not_nan():
+    slices = [np.dstack([np.full((20, 20), 7.0), np.arange(400.0).reshape(20, 20)]).astype(np.float32)] * 2
+    out = preprocess.prepare_volume(slices, 16)
+    assert out.shape == (2, 16, 16, 2) and np.isfinite(out).all()
+    assert (out[..., 0] == 0).all() and out[..., 1].max() == 1
+
+
+def test_a_wrong_intensity_scope_names_the_key(tmp_path, class_folder_root):
+    params = params_for(class_folder_root, intensity="patient")
+    ingest.run(params, out=tmp_path / "manifest.parquet")
+    with pytest.raises(InputError, match=r"preprocess\.intensity"):
+        preprocess.run(params, manifest=tmp_path / "manifest.parquet", out=tmp_path / "processed")
+    assert not (tmp_path / "processed").exists()

@@ -37,9 +37,9 @@ Data: the full brain-tumor-mri/Training set in bench/centralized.py's store (bui
 3 hospitals, Dirichlet alpha 0.5, bench/federated.py's split); --sample: the embedded
 data/sample/brain-tumor-mri in build/bench/secure-shadow-sample/ (a smoke test: too small to judge by).
 Time: per round, the hospitals' DP-SGD training one after another (about a dp round's training, the
-same work on the same cores), ~6 s of encryption per hospital and ~15-25 s of adding and decrypting
-8,054 ciphertexts, two test predictions: roughly 30 minutes for 10 x 5 on the full set (an estimate
-from session 16-17's secure rounds, not yet measured). The sample at --rounds 1 --local-epochs 1
+same work on the same cores), encryption per hospital, adding and decrypting the sum (8,054
+ciphertexts for session 17's width-16 cnn: ~6 s and ~15-25 s; the width-8 cnn has a quarter of them),
+two test predictions: about 50 minutes for 10 x 5 on the full set at width 16 (session 17). The sample at --rounds 1 --local-epochs 1
 took 1.5 min (88 s of CPU, one TensorFlow thread, niced beside another job; data stages and the
 key pair made on that first call).
 """
@@ -63,12 +63,13 @@ import federated  # noqa: E402  (bench/federated.py: bench_params, check_partiti
 import numpy as np  # noqa: E402
 
 from fedbrain.config import with_variant  # noqa: E402
-from fedbrain.dataset import hospital_examples, load_classes, load_split  # noqa: E402
+from fedbrain.dataset import load_classes, load_split  # noqa: E402
 from fedbrain.evaluate import classification_metrics  # noqa: E402
 from fedbrain.federated import launcher  # noqa: E402
 from fedbrain.federated.encrypted import EncryptionSettings  # noqa: E402
-from fedbrain.federated.task import (RunSettings, batch_norm_layers, build, lr_scale, train_locally,  # noqa: E402
-                                     trainable_positions, weights_of, weights_record)
+from fedbrain.federated.task import (RunSettings, batch_norm_layers, build, hospital_privacy, lr_scale,  # noqa: E402
+                                     train_locally, trainable_positions, weights_of, weights_record)
+from fedbrain.federated.task import hospital_model as task_hospital_model  # noqa: E402
 from fedbrain.federated.update_checks import check_values  # noqa: E402
 from fedbrain.privacy.budget import HospitalPrivacy  # noqa: E402
 from fedbrain.secure import paillier  # noqa: E402
@@ -109,14 +110,9 @@ def set_flat(model, flat: np.ndarray) -> None:
 
 
 def hospital_model(settings: RunSettings, hospital: int) -> tuple[object, HospitalPrivacy]:
-    """client_app._model / _privacy for one hospital: seeded per hospital, DP-SGD at its own noise."""
-    import tensorflow as tf
-
-    tf.keras.utils.set_random_seed(settings.seed + hospital)
-    privacy = HospitalPrivacy.plan_for(settings.privacy, hospital_examples(settings.partition, hospital),
-                                       int(settings.train_params.get("batch_size", 32)), settings.local_epochs,
-                                       settings.rounds)
-    return build(settings, noise_multiplier=privacy.plan.noise_multiplier), privacy
+    """What a hospital's ClientApp builds for the run: its DP-SGD plan and its seeded model (task.py)."""
+    privacy = hospital_privacy(settings, hospital)
+    return task_hospital_model(settings, hospital, privacy), privacy
 
 
 def local_update(model, settings: RunSettings, hospital: int, server_round: int, received: np.ndarray

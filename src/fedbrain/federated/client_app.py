@@ -35,8 +35,8 @@ from fedbrain.federated import personal
 from fedbrain.federated.encrypted import TOTAL, EncryptionSettings, HospitalCipher
 from fedbrain.federated.phases import Phases, fit_timer
 from fedbrain.federated.task import (CALIBRATION_WEIGHT_KEY, PREVIOUS_STATISTICS, STATISTICS, VAL_WEIGHT_KEY,
-                                    WEIGHT_KEY, RunSettings, batch_norm_statistics, build, evaluate_locally,
-                                    returned_epoch, set_batch_norm_statistics, train_locally,
+                                    WEIGHT_KEY, RunSettings, batch_norm_statistics, evaluate_locally,
+                                    hospital_model, hospital_privacy, returned_epoch, set_batch_norm_statistics, train_locally,
                                     trainable_positions, weights_of, weights_record)
 from fedbrain.federated.update_checks import check_values
 from fedbrain.privacy.budget import HospitalPrivacy
@@ -92,9 +92,7 @@ def _privacy(settings: RunSettings, run_id: int, hospital: int) -> HospitalPriva
         return None
     if run_id not in _PRIVACY:
         _PRIVACY.clear()
-        _PRIVACY[run_id] = HospitalPrivacy.plan_for(
-            settings.privacy, hospital_examples(settings.partition, hospital),
-            int(settings.train_params.get("batch_size", 32)), settings.local_epochs, settings.rounds)
+        _PRIVACY[run_id] = hospital_privacy(settings, hospital)
     return _PRIVACY[run_id]
 
 
@@ -115,10 +113,7 @@ def _model(settings: RunSettings, run_id: int, learning_rate: float | None = Non
         _RECEIVED.clear()
         _PERSONAL.clear()
         tf.keras.backend.clear_session()
-        # Once per run, not per round (train.fit says why); per hospital, so dropout differs between them.
-        tf.keras.utils.set_random_seed(settings.seed + hospital)
-        privacy = _privacy(settings, run_id, hospital)
-        model = _MODELS[run_id] = build(settings, noise_multiplier=privacy and privacy.plan.noise_multiplier)
+        model = _MODELS[run_id] = hospital_model(settings, hospital, _privacy(settings, run_id, hospital))
         _PERSONAL[run_id] = personal.HospitalLayers(model, settings.personalization)
     tf.keras.backend.set_value(model.optimizer.learning_rate, learning_rate or settings.learning_rate)
     return model

@@ -182,6 +182,28 @@ def build(settings: RunSettings, compiled: bool = True, learning_rate: float | N
     return model
 
 
+def hospital_privacy(settings: RunSettings, hospital: int):
+    """privacy.mode example: this hospital's DP-SGD plan for the run (its noise, from its own number
+    of training images, batch, local epochs and rounds); None otherwise."""
+    if settings.privacy.mode != "example":
+        return None
+    from fedbrain.dataset import hospital_examples
+    from fedbrain.privacy.budget import HospitalPrivacy
+
+    return HospitalPrivacy.plan_for(settings.privacy, hospital_examples(settings.partition, hospital),
+                                    int(settings.train_params.get("batch_size", 32)), settings.local_epochs,
+                                    settings.rounds)
+
+
+def hospital_model(settings: RunSettings, hospital: int, privacy=None):
+    """A hospital's model for the run, seeded once per run (train.fit says why not per round) and per
+    hospital, so that dropout differs between hospitals; DP-SGD at `privacy`'s noise when given."""
+    import tensorflow as tf
+
+    tf.keras.utils.set_random_seed(settings.seed + hospital)
+    return build(settings, noise_multiplier=privacy.plan.noise_multiplier if privacy is not None else None)
+
+
 def hospital_data(settings: RunSettings, hospital: int, split: str) -> Split:
     """One hospital's own train or val examples: nothing else is readable from a ClientApp."""
     return load_split(settings.processed, settings.partition, split, hospital=hospital)

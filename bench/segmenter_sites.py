@@ -63,8 +63,7 @@ FOLDS = ("CS", "DU", "HT")
 TRAININGS = ("centralized", "federated")
 BUDGET_MIN = 40
 # Remedies for cross-site shift (issue 21 item 3), each one change from params.yaml:
-#   train: merged into train.segmenter; evaluate: merged into evaluate; preprocess: merged into
-#   preprocess, with processed data of its own (prepare); models_of: an evaluation-only
+#   train: merged into train.segmenter; evaluate: merged into evaluate; models_of: an evaluation-only
 #   setting re-scores that setting's trained models instead of training its own.
 # Every setting that trains is scored without test-time flips, so that each row changes one thing
 # from baseline; params.yaml's evaluate.test_time_flips default (all three) is the flips-both row.
@@ -77,8 +76,6 @@ SETTINGS = {
     # Another scanner's intensities while training (train.scanner_intensity), on top of the geometric ones.
     "scanner-intensity": {"train": {"augment": {"gamma": 0.3, "contrast": 0.2, "channel_scale": 0.15,
                                                 "noise": 0.03}}, "evaluate": NO_FLIPS},
-    # One intensity scale per patient and channel (preprocess.intensity: volume): its own processed data.
-    "volume-intensity": {"preprocess": {"intensity": "volume"}, "evaluate": NO_FLIPS},
 }
 
 
@@ -111,22 +108,17 @@ def smoke_root(work: Path, per_site: int = 2) -> Path:
     return root
 
 
-def prepare(params: dict, work: Path, smoke: bool, setting: str = "baseline") -> Path:
-    """ingest and preprocess once per work folder (a lock: folds started side by side wait for it);
-    a setting that changes preprocess gets its own processed-<setting>/ from the same manifest."""
+def prepare(params: dict, work: Path, smoke: bool) -> Path:
+    """ingest and preprocess once per work folder (a lock: folds started side by side wait for it)."""
     if not ROOT.is_dir():
         sys.exit(f"{ROOT}: real data absent (expected beside the project in ../shared/data)")
     work.mkdir(parents=True, exist_ok=True)
-    change = SETTINGS[setting].get("preprocess")
-    manifest = work / "manifest.parquet"
-    processed = work / (f"processed-{setting}" if change else "processed")
-    params = {**params, "preprocess": {**params["preprocess"], **(change or {})}}
+    manifest, processed = work / "manifest.parquet", work / "processed"
     with open(work / ".prepare.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not (processed / "classes.json").is_file():
             params = {**params, "data": {**params["data"], "root": str(smoke_root(work) if smoke else ROOT)}}
-            if not manifest.is_file():
-                ingest.run(params, manifest)
+            ingest.run(params, manifest)
             preprocess.run(params, manifest, processed)
     return processed
 
@@ -137,7 +129,6 @@ def setting_params(params: dict, name: str) -> dict:
     for key, value in (change.get("train") or {}).items():
         segmenter[key] = {**segmenter.get(key, {}), **value} if isinstance(value, dict) else value
     return {**params, "train": {**params["train"], "segmenter": segmenter},
-            "preprocess": {**params["preprocess"], **(change.get("preprocess") or {})},
             "evaluate": {**params["evaluate"], **(change.get("evaluate") or {})}}
 
 
@@ -292,7 +283,7 @@ if __name__ == "__main__":
     params = bench_params(args)
     work = work_folder(args.smoke)
     if not args.report:
-        processed = prepare(params, work, args.smoke, args.setting)
+        processed = prepare(params, work, args.smoke)
         for site in args.fold or FOLDS:
             try:
                 run_fold(params, processed, work, site, (args.only,) if args.only else TRAININGS, args.setting)

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fedbrain import imaging, test_time
+from fedbrain import test_time
 from fedbrain.config import get
 from fedbrain.errors import InputError
 
@@ -56,11 +56,9 @@ def _match_channels(image: np.ndarray, channels: int, name: str) -> np.ndarray:
 
 
 def read_input(source: str, size: int, channels: int, preprocess: dict, slice_index: int | None) -> tuple[np.ndarray, tuple]:
-    """One model-ready (size, size, channels) array and the original (H, W).
-
-    With `preprocess.intensity: volume` a NIfTI slice is scaled with its whole volume's range, as
-    preprocess scaled each patient's slices; a 2-D image file is its own volume (run() says so)."""
-    from fedbrain.preprocess import INTENSITY_SCOPES, prepare_image, prepare_volume
+    """One model-ready (size, size, channels) array and the original (H, W)."""
+    from fedbrain import imaging
+    from fedbrain.preprocess import prepare_image
 
     paths = source.split(imaging.MODALITY_SEPARATOR)
     for path in paths:
@@ -71,16 +69,8 @@ def read_input(source: str, size: int, channels: int, preprocess: dict, slice_in
         depth = imaging.read_volume(paths[0]).shape[2]
         index = depth // 2 if slice_index is None else slice_index  # the middle axial slice by default
     pixels = imaging.read_image(source, index)
-    options = (get(preprocess, "equalize", bool, "preprocess", default=False),
-               get(preprocess, "bias_field", bool, "preprocess", default=False))
-    scope = get(preprocess, "intensity", str, "preprocess", choices=INTENSITY_SCOPES, default="slice")
-    if scope == "volume" and imaging.is_nifti(paths[0]):
-        slices = [pixels if k == index else imaging.read_image(source, k) for k in range(depth)]
-        image = prepare_volume(slices, size, *options)[index]
-    elif scope == "volume":
-        image = prepare_volume([pixels], size, *options)[0]
-    else:
-        image = prepare_image(pixels, size, *options)
+    image = prepare_image(pixels, size, get(preprocess, "equalize", bool, "preprocess", default=False),
+                          get(preprocess, "bias_field", bool, "preprocess", default=False))
     return _match_channels(image, channels, source), pixels.shape[:2]
 
 
@@ -150,10 +140,6 @@ def run(params: dict, model: str | Path, images: list[str], out: Path = Path("pr
     _, size, _, channels = network.input_shape
     preprocess = params.get("preprocess") or {}
     inputs = [read_input(str(source), size, channels, preprocess, slice_index) for source in images]
-    if preprocess.get("intensity") == "volume" and not all(imaging.is_nifti(str(s).split(";")[0]) for s in images):
-        print("predict: preprocess.intensity is volume, but a 2-D image file carries no volume: each is scaled "
-              "by its own percentiles; give the patient's NIfTI volume to scale a slice as training did",
-              file=sys.stderr)
     batch = np.stack([array for array, _ in inputs]).astype(np.float32)
     inference = params.get("evaluate") or {}
     threshold = get(inference, "threshold", float, "evaluate", default=0.5)

@@ -2,14 +2,6 @@
 
 Transforms are small functions composed by `prepare_image` (MONAI style) so `predict` applies
 exactly what training saw. Output follows the contract in fedbrain.dataset.
-
-`preprocess.intensity` says what shares one intensity scale:
-  slice   each image and channel min-max to [0, 1] on its own (the default);
-  volume  every slice of one patient (manifest patient_id) and channel shares one scale: its
-          VOLUME_PERCENTILES over the patient's resized slices map to [0, 1], clipped. A slice
-          keeps its brightness relative to the patient's other slices, which per-slice min-max
-          stretches away (a slice with a small bright tumour and one without get different
-          scales). Images without a patient id are each their own volume.
 """
 
 from __future__ import annotations
@@ -28,10 +20,6 @@ from fedbrain.config import get, section
 from fedbrain.errors import InputError
 
 BINARY_CLASSES = ["no_tumor", "tumor"]
-INTENSITY_SCOPES = ("slice", "volume")
-# A handful of saturated or hot pixels must not set a whole volume's scale (nnU-Net clips CT to its
-# 0.5-99.5th percentiles for the same reason).
-VOLUME_PERCENTILES = (0.5, 99.5)
 
 
 def bias_field(channel: np.ndarray) -> np.ndarray:
@@ -73,64 +61,23 @@ def resize(image: np.ndarray, size: int, nearest: bool = False) -> np.ndarray:
                      preserve_range=True).astype(image.dtype)
 
 
-def resized(pixels: np.ndarray, size: int, correct_bias_field: bool = False) -> np.ndarray:
-    """Raw (H, W, C) intensities -> float32 (size, size, C), still raw. The bias field is fitted at
-    full resolution; scaling comes after resizing, which would otherwise shrink the range."""
+def prepare_image(pixels: np.ndarray, size: int, equalize_histogram: bool = False,
+                  correct_bias_field: bool = False) -> np.ndarray:
+    """Raw (H, W, C) intensities -> float32 (size, size, C) in [0, 1].
+
+    Bias field is fitted at full resolution; normalising after resizing makes every channel
+    span exactly [0, 1] (resampling would otherwise shrink the range).
+    """
     channels = []
     for c in range(pixels.shape[2]):
         channel = pixels[..., c].astype(np.float32)
         if correct_bias_field:
             channel = bias_field(channel)
-        channels.append(resize(channel[..., None], size)[..., 0])
-    return np.stack(channels, axis=-1)
-
-
-def volume_range(slices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(low, high) per channel of one patient's resized slices (N, size, size, C): VOLUME_PERCENTILES."""
-    low, high = np.percentile(slices.astype(np.float64), VOLUME_PERCENTILES, axis=(0, 1, 2))
-    return low.astype(np.float32), high.astype(np.float32)
-
-
-def scaled(image: np.ndarray, low=None, high=None, equalize_histogram: bool = False) -> np.ndarray:
-    """A resized (size, size, C) image to [0, 1]: with each channel's own min and max (slice), or
-    with the volume's (low, high) per channel, clipped; then optional equalisation."""
-    channels = []
-    for c in range(image.shape[2]):
-        channel = image[..., c]
-        if low is None:
-            channel = intensity(channel)
-        elif high[c] - low[c] < 1e-8:  # a constant channel over the whole volume
-            channel = np.zeros_like(channel, dtype=np.float32)
-        else:
-            channel = np.clip((channel - low[c]) / (high[c] - low[c]), 0.0, 1.0).astype(np.float32)
+        channel = intensity(resize(channel[..., None], size)[..., 0])
         if equalize_histogram:
             channel = equalize(channel)
         channels.append(channel)
     return np.clip(np.stack(channels, axis=-1), 0.0, 1.0)
-
-
-def prepare_image(pixels: np.ndarray, size: int, equalize_histogram: bool = False,
-                  correct_bias_field: bool = False) -> np.ndarray:
-    """Raw (H, W, C) intensities -> float32 (size, size, C) in [0, 1], on the image's own scale."""
-    return scaled(resized(pixels, size, correct_bias_field), equalize_histogram=equalize_histogram)
-
-
-def prepare_volume(slices: list[np.ndarray], size: int, equalize_histogram: bool = False,
-                   correct_bias_field: bool = False) -> np.ndarray:
-    """One patient's raw (H, W, C) slices -> float32 (N, size, size, C) in [0, 1] on one scale per channel."""
-    stack = np.stack([resized(pixels, size, correct_bias_field) for pixels in slices])
-    low, high = volume_range(stack)
-    return np.stack([scaled(image, low, high, equalize_histogram) for image in stack])
-
-
-def volumes(table: pd.DataFrame) -> list[np.ndarray]:
-    """The manifest's row positions grouped by patient, in order of first appearance; a row
-    without a patient id is a volume of its own."""
-    groups: dict[object, list[int]] = {}
-    for position, patient in enumerate(table["patient_id"]):
-        key = ("row", position) if patient is None or pd.isna(patient) else ("patient", patient)
-        groups.setdefault(key, []).append(position)
-    return [np.asarray(rows) for rows in groups.values()]
 
 
 def prepare_mask(mask: np.ndarray, size: int) -> np.ndarray:
@@ -148,7 +95,6 @@ def run(params: dict, manifest: Path, out: Path) -> dict:
     size = get(settings, "size", int, "preprocess")
     use_equalize = get(settings, "equalize", bool, "preprocess")
     use_bias = get(settings, "bias_field", bool, "preprocess")
-    scope = get(settings, "intensity", str, "preprocess", choices=INTENSITY_SCOPES, default="slice")
     if not 16 <= size <= 1024:
         raise InputError(f"params.yaml: 'preprocess.size' is {size}; use 16..1024 (128 is the default)")
     if not Path(manifest).is_file():
@@ -175,25 +121,16 @@ def run(params: dict, manifest: Path, out: Path) -> dict:
                                            shape=(len(table), size, size, channels))
         masks = np.lib.format.open_memmap(tmp / "masks.npy", mode="w+", dtype=np.uint8,
                                           shape=(len(table), size, size, 1)) if has_masks else None
-        groups = volumes(table) if scope == "volume" else [np.asarray([i]) for i in range(len(table))]
-        with tqdm(total=len(table), desc="preprocess", unit="img", mininterval=1.0) as progress:
-            for rows in groups:
-                slices = []
-                for i in rows:
-                    row = table.iloc[i]
-                    pixels = imaging.read_image(row.source_path, row.slice_index)
-                    slices.append(pixels)
-                    if masks is not None:
-                        mask = imaging.read_mask(row.mask_path, row.slice_index)
-                        if mask.shape != pixels.shape[:2]:
-                            raise InputError(f"{row.mask_path}: mask shape {mask.shape} differs from its image "
-                                             f"{pixels.shape[:2]} ({row.source_path}); use the matching mask")
-                        masks[i] = prepare_mask(mask, size)
-                if scope == "volume":
-                    images[rows] = prepare_volume(slices, size, use_equalize, use_bias)
-                else:
-                    images[rows[0]] = prepare_image(slices[0], size, use_equalize, use_bias)
-                progress.update(len(rows))
+        for i, row in enumerate(tqdm(table.itertuples(), total=len(table), desc="preprocess", unit="img",
+                                     mininterval=1.0)):
+            pixels = imaging.read_image(row.source_path, row.slice_index)
+            images[i] = prepare_image(pixels, size, use_equalize, use_bias)
+            if masks is not None:
+                mask = imaging.read_mask(row.mask_path, row.slice_index)
+                if mask.shape != pixels.shape[:2]:
+                    raise InputError(f"{row.mask_path}: mask shape {mask.shape} differs from its image "
+                                     f"{pixels.shape[:2]} ({row.source_path}); use the matching mask")
+                masks[i] = prepare_mask(mask, size)
         images.flush()
         del images, masks
         table["row"] = np.arange(len(table), dtype=np.int64)
@@ -207,6 +144,5 @@ def run(params: dict, manifest: Path, out: Path) -> dict:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # nothing half-written is left for the next stage
         raise
-    print(f"preprocess: {len(table)} images -> {out} ({size}x{size}x{channels}, masks: {has_masks}, "
-          f"intensity per {scope})")
+    print(f"preprocess: {len(table)} images -> {out} ({size}x{size}x{channels}, masks: {has_masks})")
     return info

@@ -117,30 +117,6 @@ def test_nifti_volume_uses_the_middle_or_the_given_slice(classifier, tmp_path):
         predict(PARAMS, classifier, [str(path)], slice_index=9)
 
 
-def test_volume_intensity_scales_a_nifti_slice_with_its_volume_and_says_a_2d_file_has_none(classifier, tmp_path,
-                                                                                            capsys):
-    import nibabel as nib
-
-    from fedbrain.predict import read_input
-
-    volume = np.zeros((40, 40, 5), np.float32)
-    volume[..., 2] = np.random.default_rng(2).uniform(size=(40, 40))
-    volume[..., 0] = 0.2 * volume[..., 2]  # the same pattern, five times dimmer
-    path = tmp_path / "scan.nii.gz"
-    nib.save(nib.Nifti1Image(volume, np.eye(4)), path)
-    per_volume = {**PARAMS, "preprocess": {**PARAMS["preprocess"], "intensity": "volume"}}
-    dim, _ = read_input(str(path), 32, 1, per_volume["preprocess"], 0)
-    bright, _ = read_input(str(path), 32, 1, per_volume["preprocess"], 2)
-    alone, _ = read_input(str(path), 32, 1, PARAMS["preprocess"], 0)
-    assert alone.max() == 1 and bright.max() == 1
-    unsaturated = bright < 0.99  # the volume's 99.5th percentile and above map to 1
-    assert dim.max() < 0.3 and np.allclose(dim[unsaturated], 0.2 * bright[unsaturated], atol=1e-3)
-    predict(per_volume, classifier, [str(path)])
-    assert "carries no volume" not in capsys.readouterr().err
-    predict(per_volume, classifier, [str(_jpeg(tmp_path / "x.jpg"))])
-    assert "carries no volume" in capsys.readouterr().err
-
-
 def test_a_classifier_without_its_card_stops_and_names_the_card(classifier, tmp_path):
     image = str(_jpeg(tmp_path / "x.jpg"))
     copied = tmp_path / "elsewhere" / "classifier.keras"

@@ -222,7 +222,7 @@ def check_augment(augment: dict) -> None:
     for key in INTENSITY_AUGMENTS:
         value = augment.get(key, 0.0)
         try:
-            bad = float(value) < 0
+            bad = not (math.isfinite(float(value)) and float(value) >= 0)
         except (TypeError, ValueError):
             bad = True
         if bad or isinstance(value, bool):

@@ -267,7 +267,7 @@ def test_scanner_intensity_off_is_the_identity_and_a_negative_amount_names_its_k
     np.testing.assert_array_equal(same.numpy(), images.numpy())
     from fedbrain.train import check_augment
 
-    for bad in (-0.1, "a lot", None, True):
+    for bad in (-0.1, float("nan"), float("inf"), "a lot", None, True):
         with pytest.raises(InputError, match=r"augment\.contrast"):
             check_augment({"contrast": bad})
     check_augment({"contrast": 0.2, "gamma": 0})

@@ -36,8 +36,8 @@ from fedbrain.federated.encrypted import TOTAL, EncryptionSettings, HospitalCiph
 from fedbrain.federated.phases import Phases, fit_timer
 from fedbrain.federated.task import (CALIBRATION_WEIGHT_KEY, PREVIOUS_STATISTICS, STATISTICS, VAL_WEIGHT_KEY,
                                     WEIGHT_KEY, RunSettings, batch_norm_statistics, evaluate_locally,
-                                    hospital_model, hospital_privacy, returned_epoch, set_batch_norm_statistics, train_locally,
-                                    trainable_positions, weights_of, weights_record)
+                                    hospital_model, hospital_privacy, returned_epoch, set_batch_norm_statistics,
+                                    train_locally, trainable_positions, weights_of, weights_record)
 from fedbrain.federated.update_checks import check_values
 from fedbrain.privacy.budget import HospitalPrivacy
 from fedbrain.privacy.client_level import noised_update

@@ -220,12 +220,8 @@ def check_augment(augment: dict) -> None:
     """InputError naming the key for an intensity amount that is negative or not a number: checked
     once before the input pipeline is built, not inside its traced map."""
     for key in INTENSITY_AUGMENTS:
-        value = augment.get(key, 0.0)
-        try:
-            bad = not (math.isfinite(float(value)) and float(value) >= 0)
-        except (TypeError, ValueError):
-            bad = True
-        if bad or isinstance(value, bool):
+        value = get(augment, key, float, "train.*.augment", default=0.0)  # names the key if not a number
+        if not (math.isfinite(value) and value >= 0):
             raise InputError(f"params.yaml: 'train.*.augment.{key}' is {value!r}; use 0 (off) or a "
                              "positive amount")
 

@@ -421,14 +421,12 @@ def evaluate_model(path: Path, models: Path, test: Split, classes: list[str], se
 
 def run(params: dict, processed: Path, partition: Path, models: Path, out: Path) -> pd.DataFrame:
     sec = params.get("evaluate") or {}
-    settings = {"threshold": get(sec, "threshold", float, "evaluate", default=0.5),
+    settings = {**test_time.inference_settings(params),
                 "overlays": get(sec, "overlays", int, "evaluate", default=6),
-                "batch_size": get(sec, "batch_size", int, "evaluate", default=64),
                 "log_mlflow": get(sec, "log_mlflow", bool, "evaluate", default=True),
                 "register": get(sec, "register", bool, "evaluate", default=True),
                 "postprocess_min_pixels": get(sec, "postprocess_min_pixels", (int, type(None)), "evaluate",
-                                              default=None),
-                "test_time_flips": test_time.check_flips(sec.get("test_time_flips"))}
+                                              default=None)}
     audit_sec = sec.get("audit") or {}
     if not isinstance(audit_sec, dict):
         raise InputError("params.yaml: 'evaluate.audit' must be a mapping (members, seed)")

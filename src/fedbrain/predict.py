@@ -141,12 +141,10 @@ def run(params: dict, model: str | Path, images: list[str], out: Path = Path("pr
     preprocess = params.get("preprocess") or {}
     inputs = [read_input(str(source), size, channels, preprocess, slice_index) for source in images]
     batch = np.stack([array for array, _ in inputs]).astype(np.float32)
-    inference = params.get("evaluate") or {}
-    threshold = get(inference, "threshold", float, "evaluate", default=0.5)
-    batch_size = get(inference, "batch_size", int, "evaluate", default=64)  # evaluate's: same memory bound
+    inference = test_time.inference_settings(params)  # evaluate's: what it scored is what you get
+    threshold, batch_size = inference["threshold"], inference["batch_size"]
     if len(network.output_shape) == 4:  # a segmenter, with the flips evaluate scored it with
-        outputs = test_time.segment(network, batch, batch_size,
-                                    test_time.check_flips(inference.get("test_time_flips")))
+        outputs = test_time.segment(network, batch, batch_size, inference["test_time_flips"])
     else:
         outputs = network.predict(batch, batch_size=batch_size, verbose=0)
     results = []

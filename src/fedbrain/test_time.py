@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from fedbrain.config import get
 from fedbrain.errors import InputError
 
 # name -> image axes (batch, height, width, channels) the flip reverses
@@ -25,6 +26,15 @@ def check_flips(flips, where: str = "evaluate.test_time_flips") -> tuple[str, ..
         raise InputError(f"params.yaml: '{where}' is {list(flips)}; use a list of distinct flips from "
                          f"{', '.join(FLIPS)} ([] for none)")
     return flips
+
+
+def inference_settings(params: dict) -> dict:
+    """How a model runs at test time, read once for `evaluate` and `predict` alike (params.yaml
+    `evaluate`): the segmenter's mask threshold, the batch size (the memory bound), the flips."""
+    sec = params.get("evaluate") or {}
+    return {"threshold": get(sec, "threshold", float, "evaluate", default=0.5),
+            "batch_size": get(sec, "batch_size", int, "evaluate", default=64),
+            "test_time_flips": check_flips(sec.get("test_time_flips"))}
 
 
 def segment(model, images: np.ndarray, batch_size: int, flips=()) -> np.ndarray:

@@ -162,6 +162,19 @@ def _dice(value: float) -> str:
     return "-" if pd.isna(value) else f"{value:.4f}"
 
 
+def _head(first: str, names: list[str]) -> None:
+    """A Markdown table's header: the ``first`` columns, the global fedavg model, then per variant its
+    own hospital's model and its difference."""
+    print(f"| {first} | fedavg global model | "
+          + " | ".join(f"{n} own hospital's model | {n} - fedavg (points)" for n in names) + " |")
+    print("|---" * (first.count("|") + 2) + "|---|---" * len(names) + "|")
+
+
+def _beside(values: list[float], base: float) -> str:
+    """Each variant's Dice and its difference from the fedavg one, as table cells."""
+    return " | ".join(f"{_dice(v)} | {_points(v, base)}" for v in values)
+
+
 def hospital_facts(details: dict, sites: dict[str, list[str]], base: str) -> dict[str, tuple[str, int]]:
     """{hospital: (its institutions, its test slices with tumour)} from the partition's report and the
     baseline's scores (evaluation.json); the mean row gets every institution and the sum."""
@@ -182,9 +195,7 @@ def report_institutions(details: dict, sites: dict[str, list[str]], base: str, n
     institution's test patients (evaluate's per-site scores), and all of them pooled."""
     print("per institution: per-patient volume Dice at native resolution, mean over its test patients "
           "(evaluate's per-site scores, evaluation.json)")
-    print("| institution | hospital | test patients | fedavg global model | "
-          + " | ".join(f"{n} own hospital's model | {n} - fedavg (points)" for n in names) + " |")
-    print("|---|---|---|---|" + "---|---|" * len(names))
+    _head("institution | hospital | test patients", names)
     pooled = {run: [] for run in [base, *names]}
     for k, codes in sites.items():
         for site in codes:
@@ -194,11 +205,10 @@ def report_institutions(details: dict, sites: dict[str, list[str]], base: str, n
             own = [_site_dice(details, f"federated/{n}/hospital_{k}/segmenter", site)[0] for n in names]
             for run, value in zip(pooled, [dice, *own]):
                 pooled[run].append((value, patients))
-            print(f"| {site} | {k} | {patients} | {_dice(dice)} | "
-                  + " | ".join(f"{_dice(v)} | {_points(v, dice)}" for v in own) + " |")
+            print(f"| {site} | {k} | {patients} | {_dice(dice)} | {_beside(own, dice)} |")
     mean = {run: sum(v * n for v, n in held) / sum(n for _, n in held) for run, held in pooled.items()}
     print(f"| all test patients | | {sum(n for _, n in pooled[base])} | {_dice(mean[base])} | "
-          + " | ".join(f"{_dice(mean[n])} | {_points(mean[n], mean[base])}" for n in names) + " |")
+          f"{_beside([mean[n] for n in names], mean[base])} |")
 
 
 def report_sites(work: Path, parts: Path, fed: dict, smoke: bool) -> None:
@@ -213,13 +223,11 @@ def report_sites(work: Path, parts: Path, fed: dict, smoke: bool) -> None:
     print(f"\nBENCH personalization --sites{' --smoke' if smoke else ''} (lgg-mri-segmentation, TCGA-LGG, 3 hospitals "
           f"= real institutions, U-Net): {fed['rounds']} rounds x {fed['local_epochs']} local epochs; Dice on each "
           f"hospital's own test part ({SITES_METRIC}: mean over its test slices with tumour)")
-    print("| hospital | institutions | test slices (with tumour) | fedavg global model | "
-          + " | ".join(f"{n} own hospital's model | {n} - fedavg (points)" for n in names) + " |")
-    print("|---|---|---|---|" + "---|---|" * len(names))
+    _head("hospital | institutions | test slices (with tumour)", names)
     for _, row in block.iterrows():
         codes, tumour = facts[row["hospital"]]
         print(f"| {row['hospital']} | {codes} | {row['test_images']} ({tumour}) | {_dice(row[base])} | "
-              + " | ".join(f"{_dice(row[c])} | {_points(row[c], row[base])}" for c in own) + " |")
+              f"{_beside([row[c] for c in own], row[base])} |")
     mean = block[block["hospital"] == MEAN_ROW].iloc[0]
     for name, column in zip(names, own):
         print(f"  {name} own models vs the global fedavg model: mean per-hospital Dice {_dice(mean[column])} vs "

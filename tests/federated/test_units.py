@@ -102,6 +102,24 @@ def test_calibration_images_are_set_per_role(tmp_path, value, expected):
             FederatedSettings.from_params(params)
 
 
+def test_federated_train_keys_apply_to_every_role_and_a_role_block_to_its_role_only(tmp_path):
+    params = federated_params(tmp_path)
+    params["train"]["segmenter"] = {"learning_rate": 0.002, "batch_size": 16, "augment": {"hflip": True}}
+    params["federated"]["train"] = {"warmup_epochs": 0, "augment": {"vflip": True},
+                                    "classifier": {"learning_rate": 0.001}}
+    settings = FederatedSettings.from_params(params)
+    classifier = settings.hospital_training(params, "classifier")
+    segmenter = settings.hospital_training(params, "segmenter")
+    assert classifier["learning_rate"] == 0.001 and classifier["warmup_epochs"] == 0
+    assert segmenter["learning_rate"] == 0.002 and segmenter["warmup_epochs"] == 0
+    assert segmenter["augment"] == {"hflip": True, "vflip": True}  # laid over, key by key
+    assert "classifier" not in segmenter and "classifier" not in classifier
+    assert params["train"]["segmenter"]["augment"] == {"hflip": True}  # the params are left alone
+    params["federated"]["train"] = {"segmenter": 0.001}
+    with pytest.raises(InputError, match="federated.train.segmenter"):
+        FederatedSettings.from_params(params)
+
+
 @pytest.mark.parametrize("wrong", [0, -2, "many", 1.5, True])
 def test_hospital_threads_must_be_auto_or_a_positive_count(tmp_path, wrong):
     params = federated_params(tmp_path)

@@ -7,7 +7,7 @@ import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from fedbrain.config import get, section
+from fedbrain.config import get, merged, section
 from fedbrain.dataset import load_classes
 from fedbrain.errors import InputError
 from fedbrain.federated.personal import PERSONALIZATION
@@ -239,6 +239,10 @@ class FederatedSettings:
             if not isinstance(images, int) or isinstance(images, bool) or images < 0:
                 raise InputError(f"params.yaml: 'federated.calibration_images.{role}' is {images!r}; "
                                  f"use 0 (all) or more")
+        for role in ROLES:
+            if not isinstance(self.train.get(role) or {}, dict):
+                raise InputError(f"params.yaml: 'federated.train.{role}' is {self.train[role]!r}; expected a "
+                                 f"mapping of train.{role} keys the hospitals train with instead")
         threads = self.hospital_threads
         if threads != "auto" and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
             raise InputError(f"params.yaml: 'federated.hospital_threads' is {threads!r}; use auto or a whole "
@@ -271,9 +275,10 @@ class FederatedSettings:
         return roles
 
     def hospital_training(self, params: dict, role: str) -> dict:
-        """What each hospital passes to fedbrain.train.fit: train.<role>, then federated.train on top."""
-        base = section(section(params, "train"), role)
-        return {**base, **self.train}
+        """What each hospital passes to fedbrain.train.fit: train.<role>, then federated.train's keys for
+        every role on top, then federated.train.<role>'s for this one (a role's own rate, say)."""
+        shared = {key: value for key, value in self.train.items() if key not in ROLES}
+        return merged(merged(section(section(params, "train"), role), shared), self.train.get(role) or {})
 
 
 def update_rules(params: dict) -> UpdateRules:

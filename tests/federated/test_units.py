@@ -120,6 +120,21 @@ def test_federated_train_keys_apply_to_every_role_and_a_role_block_to_its_role_o
         FederatedSettings.from_params(params)
 
 
+def test_the_project_variants_give_each_role_its_own_hospital_rate():
+    """params.yaml: FedAvg's classifier hospitals at half the centralized rate, DP's at its own 0.01,
+    and the U-Net at train.segmenter's in every variant (a federated.train key for both roles would
+    move them all)."""
+    from fedbrain.config import with_variant
+    params = load_params(Path(__file__).resolve().parents[2] / "params.yaml")
+    centralized = {role: params["train"][role]["learning_rate"] for role in ("classifier", "segmenter")}
+    for variant, classifier_rate in (("fedavg", centralized["classifier"] / 2), ("paillier", centralized["classifier"] / 2),
+                                     ("dp", 0.01), ("secure", 0.01)):
+        p = with_variant(params, variant)
+        settings = FederatedSettings.from_params(p)
+        assert settings.hospital_training(p, "classifier")["learning_rate"] == pytest.approx(classifier_rate), variant
+        assert settings.hospital_training(p, "segmenter")["learning_rate"] == centralized["segmenter"], variant
+
+
 @pytest.mark.parametrize("wrong", [0, -2, "many", 1.5, True])
 def test_hospital_threads_must_be_auto_or_a_positive_count(tmp_path, wrong):
     params = federated_params(tmp_path)

@@ -12,7 +12,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from flwr.app import MetricRecord, RecordDict
 
-from fedbrain.config import load_params
+from fedbrain.config import load_params, with_variant
 from fedbrain.errors import InputError
 from fedbrain.federated.certificates import ensure_pki, ensure_supernode_key
 from fedbrain.federated.launcher import absolute_uri
@@ -124,11 +124,10 @@ def test_the_project_variants_give_each_role_its_own_hospital_rate():
     """params.yaml: FedAvg's classifier hospitals at half the centralized rate, DP's at its own 0.01,
     and the U-Net at train.segmenter's in every variant (a federated.train key for both roles would
     move them all)."""
-    from fedbrain.config import with_variant
     params = load_params(Path(__file__).resolve().parents[2] / "params.yaml")
     centralized = {role: params["train"][role]["learning_rate"] for role in ("classifier", "segmenter")}
-    for variant, classifier_rate in (("fedavg", centralized["classifier"] / 2), ("paillier", centralized["classifier"] / 2),
-                                     ("dp", 0.01), ("secure", 0.01)):
+    half = centralized["classifier"] / 2
+    for variant, classifier_rate in (("fedavg", half), ("paillier", half), ("dp", 0.01), ("secure", 0.01)):
         p = with_variant(params, variant)
         settings = FederatedSettings.from_params(p)
         assert settings.hospital_training(p, "classifier")["learning_rate"] == pytest.approx(classifier_rate), variant

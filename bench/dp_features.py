@@ -2,7 +2,7 @@
 
   .venv/bin/pip install kymatio==0.3.0      # not a project dependency (yet)
   PYTHONPATH=src .venv/bin/python bench/dp_features.py [--data build/bench/brain-tumor-mri]
-      [--examples 1500] [--epochs 20] [--epsilon 8] [--only NAME ...]
+      [--examples 1500] [--epochs 20] [--epsilon 8] [--only NAME ...] [--federated R E [--dp-only]]
 
 Tramer & Boneh, "Differentially private learning needs better features (or much more data)",
 ICLR 2021: on small datasets a linear model (or a small CNN) over a ScatterNet's fixed wavelet
@@ -19,6 +19,16 @@ The scattering is computed once per image (it has no weights, and DP runs withou
 only the head trains here. In a federation each hospital would do the same once per run: the
 scattering of 1500 images takes ~30 s (J=2) to ~70 s (J=4) on 2 cores with TensorFlow's backend.
 
+--federated R E: the same heads trained as FedAvg over the partition's hospitals (Dirichlet label
+skew), in this process (not a Flower federation: the question is whether averaging private linear
+heads keeps the one-hospital figure): R rounds of E local epochs, each hospital with its own Adam
+state and its own DP-SGD plan to --epsilon over all R x E epochs of its images (its noise from its
+size, as federated/task.py plans it), the rounds' rates decayed as federated.lr_decay cosine does,
+local rates cosine within a round, the best local epoch on the hospital's validation images
+returned (as fit does in the federation); the global model is the examples-weighted average.
+Printed: the global model's pooled validation accuracy by round and its test accuracy, beside the
+same federation without DP in the same run.
+
 Kymatio 0.3.0 (2022, its latest release) imports scipy.special.sph_harm for its 3-D transform, which
 SciPy 1.17 removed; the 2-D transform never calls it, so this bench sets a placeholder before the
 import. Nothing else of Kymatio or SciPy is changed.
@@ -27,6 +37,7 @@ import. Nothing else of Kymatio or SciPy is changed.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import sys
 import time
@@ -54,6 +65,11 @@ SETTINGS = {
     "plain-J2-cnn16": (2, "cnn16", 256, 0.01, False),
     "plain-J4-linear": (4, "linear", 256, 0.01, False),
     "dp-J4-linear": (4, "linear", 256, 0.01, True),
+    "dp-J4-linear-lr20m": (4, "linear", 256, 0.02, True),
+    "dp-J4-linear-lr5m": (4, "linear", 256, 0.005, True),
+    "dp-J4-linear-b512": (4, "linear", 512, 0.01, True),
+    "dp-J4-linear-b512-lr20m": (4, "linear", 512, 0.02, True),
+    "dp-J4-linear-b128": (4, "linear", 128, 0.01, True),
 }
 
 
@@ -97,6 +113,106 @@ def run(name: str, train: Split, val: Split, epochs: int, epsilon: float) -> dic
     return {"params": model.count_params(), **result}
 
 
+def cached_scattering(split: Split, J: int, cache: Path) -> Split:
+    """`split` with its images replaced by their scattering, kept in `cache` (.npy) between calls; the
+    file's name carries a digest of the split's image ids, so another partition never reads it."""
+    digest = hashlib.sha256("\n".join(map(str, split.image_ids)).encode()).hexdigest()[:12]
+    cache = cache.with_name(f"{cache.stem}-{digest}.npy")
+    if cache.is_file():
+        features = np.load(cache)
+    else:
+        start = time.perf_counter()
+        features = scattering(split.images, J)
+        np.save(cache, features)
+        print(f"scattering J={J} of {len(split)} images: {time.perf_counter() - start:.0f} s -> {cache}", flush=True)
+    return Split(features, split.labels, None, split.image_ids, split.patient_ids)
+
+
+def federate(name: str, hospitals: list[tuple[Split, Split]], val: Split, test: Split, rounds: int,
+             local_epochs: int, epsilon: float, private: bool) -> dict:
+    """FedAvg of `name`'s head over the hospitals (see the module docstring): {by_round, test, noise}."""
+    from fedbrain.privacy.dp_sgd import private_model
+    from fedbrain.privacy.settings import PrivacySettings
+    from fedbrain.train import compile_model, fit
+
+    J, kind, batch, rate, _ = SETTINGS[name]
+    models, noises = [], []
+    for k, (train, _) in enumerate(hospitals):
+        tf.keras.utils.set_random_seed(dp_settings.SEED + k)
+        model = head(train.images.shape[1:], kind, 4)
+        if private:
+            plan = PrivacySettings.from_params({"privacy": {"mode": "example", "target_epsilon": epsilon}}) \
+                .example_plan(len(train), batch, local_epochs, rounds=rounds)
+            noises.append(plan.noise_multiplier)
+            model = private_model(model, 1.0, plan.noise_multiplier)
+        compile_model(model, "classification", rate, label_smoothing=0.1)
+        models.append(model)
+    tf.keras.utils.set_random_seed(dp_settings.SEED)
+    global_weights = head(val.images.shape[1:], kind, 4).get_weights()
+    scorer = head(val.images.shape[1:], kind, 4)
+    compile_model(scorer, "classification", rate, label_smoothing=0.1)
+    opts = {"batch_size": batch, "learning_rate": rate, "patience": local_epochs, "monitor": "val_loss",
+            "warmup_epochs": 0, "lr_schedule": "cosine", "augment": dp_settings.NO_AUGMENT}
+    by_round = []
+    for server_round in range(1, rounds + 1):
+        scale = 0.5 * (1.0 + np.cos(np.pi * (server_round - 1) / rounds))  # federated.lr_decay: cosine
+        updates, sizes = [], []
+        for k, ((train, own_val), model) in enumerate(zip(hospitals, models)):
+            model.set_weights(global_weights)
+            tf.keras.backend.set_value(model.optimizer.learning_rate, rate * scale)
+            fit(model, train, own_val, "classification", opts, local_epochs, dp_settings.SEED + 1000 * server_round + k,
+                class_weight=False, verbose=0)
+            updates.append(model.get_weights())
+            sizes.append(len(train))
+        shares = np.asarray(sizes, np.float64) / sum(sizes)
+        global_weights = [sum(s * u[i] for s, u in zip(shares, updates)).astype(np.float32)
+                          for i in range(len(global_weights))]
+        scorer.set_weights(global_weights)
+        by_round.append(score(scorer, val))
+        print(f"  {name} {'DP' if private else 'no DP'} round {server_round}/{rounds}: global val accuracy "
+              f"{by_round[-1]:.4f}", flush=True)
+    return {"by_round": by_round, "test": score(scorer, test), "noise": noises}
+
+
+def score(model, split: Split) -> float:
+    proba = model.predict(split.images, batch_size=256, verbose=0)
+    return float(np.mean(np.argmax(proba, axis=1) == split.labels))
+
+
+def main_federated(args, processed: Path, partition: Path) -> None:
+    from fedbrain.dataset import HOSPITAL_FOLDER
+
+    names = args.only or ["dp-J4-linear"]
+    count = sum(1 for p in partition.iterdir() if HOSPITAL_FOLDER.fullmatch(p.name))
+    J = SETTINGS[names[0]][0]
+    if any(SETTINGS[n][0] != J for n in names):
+        raise SystemExit("--federated: name settings of one scattering scale J")
+    cache = args.data / f"scattering-J{J}"
+    cache.mkdir(exist_ok=True)
+    hospitals = [tuple(cached_scattering(load_split(processed, partition, split, hospital=k), J,
+                                         cache / f"hospital{k}-{split}.npy") for split in ("train", "val"))
+                 for k in range(count)]
+    val = cached_scattering(load_split(processed, partition, "val"), J, cache / "val.npy")
+    test = cached_scattering(load_split(processed, partition, "test"), J, cache / "test.npy")
+    rounds, epochs = args.federated
+    print(f"{count} hospitals ({', '.join(str(len(t)) for t, _ in hospitals)} training images), {rounds} rounds x "
+          f"{epochs} local epochs, epsilon {args.epsilon} at delta 1e-5 per hospital (RDP, Poisson-sampling "
+          f"accountant); pooled val {len(val)}, test {len(test)}", flush=True)
+    rows = []
+    for name in names:
+        for private in (False, True)[1 if args.dp_only else 0:]:
+            start = time.perf_counter()
+            result = federate(name, hospitals, val, test, rounds, epochs, args.epsilon, private)
+            rows.append((name, private, result, time.perf_counter() - start))
+    print(f"\n| head | DP | noise multipliers | global val accuracy after rounds 1 / {rounds // 2} / {rounds} "
+          f"| test accuracy | seconds |\n| --- | --- | --- | --- | --- | --- |")
+    for name, private, result, seconds in rows:
+        curve = result["by_round"]
+        print(f"| {name} | {'epsilon ' + str(args.epsilon) if private else 'none'} | "
+              f"{', '.join(f'{n:.2f}' for n in result['noise']) or '-'} | {curve[0]:.3f} / {curve[rounds // 2 - 1]:.3f}"
+              f" / {curve[-1]:.3f} | **{result['test']:.4f}** | {seconds:.0f} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=BENCH.parent / "build/bench/brain-tumor-mri")
@@ -104,8 +220,12 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--epsilon", type=float, default=8.0)
     parser.add_argument("--only", nargs="*", choices=sorted(SETTINGS))
+    parser.add_argument("--federated", nargs=2, type=int, metavar=("ROUNDS", "LOCAL_EPOCHS"))
+    parser.add_argument("--dp-only", action="store_true", help="--federated: skip the runs without DP")
     args = parser.parse_args()
     processed, partition = args.data / "processed", args.data / "partition"
+    if args.federated:
+        return main_federated(args, processed, partition)
     train = dp_settings.subset(load_split(processed, partition, "train"), args.examples, dp_settings.SEED)
     val = load_split(processed, partition, "val")
     print(f"{len(train)} training images (IID draw), {len(val)} validation images; epsilon {args.epsilon} at delta "

@@ -1,11 +1,14 @@
 """Centralized baseline numbers on the real data beside the project (not a test).
 
-  .venv/bin/python bench/centralized.py [classifier] [segmenter] [throughput] [evaluate]
-  (default: the first three)
+  .venv/bin/python bench/centralized.py [classifier] [classifier-group] [segmenter] [throughput] [evaluate]
+  (default: classifier, segmenter, throughput)
 
 classifier  brain-tumor-mri/Training through ingest -> preprocess -> partition (the pipeline's
             leakage-free split) -> train-centralized with params.yaml's train.classifier ->
             evaluate: prints test accuracy, macro F1 and wall time. Targets: >= 0.95, >= 0.94.
+classifier-group  the same classifier in its GroupNorm form (train.classifier.normalization: group,
+            what DP-SGD trains), into models-group/ and reports-group/: the cost of the normalisation
+            change apart from the cost of DP (issue 12).
 segmenter   lgg-mri-segmentation, split by patient, U-Net (train.segmenter): prints mean Dice on
             test slices with tumour (target >= 0.80), per-patient Dice and HD95.
 throughput  images/s of fedbrain.train.fit vs a bare model.fit on the same model and data in the
@@ -62,18 +65,22 @@ def prepare(name: str, root: Path, params: dict) -> tuple[Path, Path]:
     return processed, parts
 
 
-def bench_classifier() -> None:
+def bench_classifier(normalization: str = "batch") -> None:
     params = params_for(SHARED / "brain-tumor-mri" / "Training")
     processed, parts = prepare("brain-tumor-mri", SHARED / "brain-tumor-mri" / "Training", params)
     classes = load_classes(processed)
     split_train, split_val = load_split(processed, parts, "train"), load_split(processed, parts, "val")
-    models = WORK / "brain-tumor-mri" / "models"
+    models, reports = WORK / "brain-tumor-mri" / "models", WORK / "brain-tumor-mri" / "reports"
+    if normalization != "batch":  # its own folders: `evaluate` scores every model under models/
+        params["train"]["classifier"]["normalization"] = normalization
+        models, reports = models.with_name(f"models-{normalization}"), reports.with_name(f"reports-{normalization}")
     start = time.perf_counter()
     card = train.train_model(params, "classifier", classes, split_train, split_val, models / "centralized")
     wall = time.perf_counter() - start
-    table = evaluate.run(params, processed, parts, models, WORK / "brain-tumor-mri" / "reports")
+    table = evaluate.run(params, processed, parts, models, reports)
     row = table[table["run"] == "centralized/classifier"].iloc[0]
-    print(f"\nBENCH classifier ({card['model']}, {len(split_train)} train / {len(split_val)} val / "
+    print(f"\nBENCH classifier ({card['model']}, {normalization} normalization, {len(split_train)} train / "
+          f"{len(split_val)} val / "
           f"{row['test_images']} test images, {len(card['history']['loss'])} epochs): "
           f"test accuracy {row['accuracy']:.4f} (target 0.95), macro F1 {row['macro_f1']:.4f} (target 0.94), "
           f"train wall time {wall / 60:.1f} min on {os.cpu_count()} cores", flush=True)
@@ -171,4 +178,4 @@ if __name__ == "__main__":
     parts = sys.argv[1:] or ["throughput", "classifier", "segmenter"]
     for part in parts:
         {"classifier": bench_classifier, "segmenter": bench_segmenter, "throughput": bench_throughput,
-         "evaluate": bench_evaluate}[part]()
+         "evaluate": bench_evaluate, "classifier-group": lambda: bench_classifier("group")}[part]()

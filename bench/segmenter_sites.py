@@ -73,9 +73,13 @@ SETTINGS = {
     # Test-time flips (fedbrain.test_time): the baseline's models, each slice also predicted mirrored.
     "flips": {"evaluate": {"test_time_flips": ["horizontal"]}, "models_of": "baseline"},
     "flips-both": {"evaluate": {"test_time_flips": ["horizontal", "vertical", "both"]}, "models_of": "baseline"},
-    # Another scanner's intensities while training (train.scanner_intensity), on top of the geometric ones.
+    # Another scanner's intensities while training (train.scanner_intensity), on top of the geometric ones
+    # (params.yaml's default since session 21: `baseline` trains with them too from then on).
     "scanner-intensity": {"train": {"augment": {"gamma": 0.3, "contrast": 0.2, "channel_scale": 0.15,
                                                 "noise": 0.03}}, "evaluate": NO_FLIPS},
+    # Both: the scanner-intensity models, each slice also predicted mirrored three ways.
+    "scanner-intensity-flips": {"evaluate": {"test_time_flips": ["horizontal", "vertical", "both"]},
+                                "models_of": "scanner-intensity"},
 }
 
 

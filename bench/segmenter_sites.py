@@ -68,18 +68,18 @@ BUDGET_MIN = 40
 # Every setting that trains is scored without test-time flips, so that each row changes one thing
 # from baseline; params.yaml's evaluate.test_time_flips default (all three) is the flips-both row.
 NO_FLIPS = {"test_time_flips": []}
+ALL_FLIPS = {"test_time_flips": ["horizontal", "vertical", "both"]}
 SETTINGS = {
     "baseline": {"evaluate": NO_FLIPS},
     # Test-time flips (fedbrain.test_time): the baseline's models, each slice also predicted mirrored.
     "flips": {"evaluate": {"test_time_flips": ["horizontal"]}, "models_of": "baseline"},
-    "flips-both": {"evaluate": {"test_time_flips": ["horizontal", "vertical", "both"]}, "models_of": "baseline"},
+    "flips-both": {"evaluate": ALL_FLIPS, "models_of": "baseline"},
     # Another scanner's intensities while training (train.scanner_intensity), on top of the geometric ones
     # (params.yaml's default since session 21: `baseline` trains with them too from then on).
     "scanner-intensity": {"train": {"augment": {"gamma": 0.3, "contrast": 0.2, "channel_scale": 0.15,
                                                 "noise": 0.03}}, "evaluate": NO_FLIPS},
     # Both: the scanner-intensity models, each slice also predicted mirrored three ways.
-    "scanner-intensity-flips": {"evaluate": {"test_time_flips": ["horizontal", "vertical", "both"]},
-                                "models_of": "scanner-intensity"},
+    "scanner-intensity-flips": {"evaluate": ALL_FLIPS, "models_of": "scanner-intensity"},
 }
 
 

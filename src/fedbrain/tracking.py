@@ -78,6 +78,30 @@ def configure(params: dict) -> str:
     return uri
 
 
+def absolute_uri(uri: str) -> str:
+    """A local MLflow store made absolute: the federation's ServerApp runs in another working directory."""
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        return "sqlite:///" + str(Path(uri[len("sqlite:///"):]).resolve())
+    if uri.startswith("file:") and not uri.startswith("file:///"):
+        return Path(uri[len("file:"):]).resolve().as_uri()
+    if "://" not in uri and ":" not in uri:
+        return Path(uri).resolve().as_uri()
+    return uri
+
+
+def absolute_params(params: dict) -> dict:
+    """A copy of params with the MLflow store and artifact location absolute, the experiment created here
+    (from the project root, so MLflow's default artifact root is not the federation's run folder)."""
+    params = json.loads(json.dumps(params))
+    mlflow_section = params.setdefault("mlflow", {})
+    mlflow_section["tracking_uri"] = absolute_uri(tracking_uri(params))
+    location = mlflow_section.get("artifact_location")
+    if location and "://" not in str(location):
+        mlflow_section["artifact_location"] = str(Path(location).resolve())
+    configure(params)
+    return params
+
+
 def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
     """{"train": {"classifier": {"epochs": 3}}} -> {"train.classifier.epochs": 3}."""
     flat: dict[str, Any] = {}

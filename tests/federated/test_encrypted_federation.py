@@ -18,6 +18,7 @@ import tensorflow as tf
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from mlflow.tracking import MlflowClient
 
+from fedbrain import tracking
 from fedbrain.federated import encrypted, launcher
 from fedbrain.federated.certificates import ensure_pki
 from fedbrain.federated.launcher import Federation
@@ -102,7 +103,7 @@ def test_a_hospital_with_another_key_is_refused_and_the_round_goes_on(tmp_path):
     processed, partition = make_federated_data(tmp_path / "data", hospitals=3)
     params = paillier_params(tmp_path, rounds=1, model="tiny_model:build_plain")
     params["federated"]["min_available_nodes"] = 3  # the round waits for the hospital with the other key
-    params = launcher.tracking_params(params)
+    params = tracking.absolute_params(params)
     out = tmp_path / "models" / "federated" / "paillier"
     public, private = paillier.ensure_keys(tmp_path / "keys", 2048)
     _, other = paillier.ensure_keys(tmp_path / "other_keys", 2048)

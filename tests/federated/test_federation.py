@@ -27,7 +27,8 @@ import tensorflow as tf
 import tomli
 from mlflow.tracking import MlflowClient
 
-from fedbrain.federated import launcher, task
+from fedbrain import tracking
+from fedbrain.federated import launcher, processes, task
 from fedbrain.federated.certificates import ensure_pki
 from fedbrain.federated.launcher import Federation
 from fedbrain.federated.server_app import pool_batch_norm_statistics
@@ -286,7 +287,7 @@ def test_supernode_whose_port_was_taken_meanwhile_starts_again_on_another(tmp_pa
     lines = []
     with socket.socket() as other, Federation(tmp_path / "run", ensure_pki(tmp_path / "pki"),
                                               echo=lines.append) as federation:
-        other.bind((launcher.LOOPBACK, 0))
+        other.bind((processes.LOOPBACK, 0))
         other.listen()
         taken = other.getsockname()[1]
         federation.start_superlink()
@@ -298,7 +299,7 @@ def test_supernode_whose_port_was_taken_meanwhile_starts_again_on_another(tmp_pa
         for name in ("hospital_0", "hospital_1"):
             started = federation.supernodes[name]
             assert started.appio_port != taken and started.proc.poll() is None
-            assert launcher._listens(started.proc.pid, started.appio_port)
+            assert processes.listens(started.proc.pid, started.appio_port)
         wait_until(lambda: sum(n["status"] == "online" for n in federation.nodes()) == 2, timeout=60,
                    what="both SuperNodes to come online")
     assert federation_processes(tmp_path) == []
@@ -319,7 +320,7 @@ def test_crashed_supernode_does_not_stop_the_run_and_a_late_one_joins(tmp_path, 
     monkeypatch.setenv(HOLD_DIR, str(holds))
     processed, partition = make_federated_data(tmp_path / "data", hospitals=4)
     out = tmp_path / "models" / "federated" / "fedavg"
-    params = launcher.tracking_params(tiny_params(tmp_path, rounds=4, model=TINY_SLOW))
+    params = tracking.absolute_params(tiny_params(tmp_path, rounds=4, model=TINY_SLOW))
     settings, roles, _ = launcher.prepare(params, processed, partition, out, resume=False)
     config = launcher.run_config(settings, params, "classifier", processed, partition, out, resume=False,
                                  secure=True)

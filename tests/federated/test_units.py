@@ -15,7 +15,7 @@ from flwr.app import MetricRecord, RecordDict
 from fedbrain.config import load_params, with_variant
 from fedbrain.errors import InputError
 from fedbrain.federated.certificates import ensure_pki, ensure_supernode_key
-from fedbrain.federated.launcher import absolute_uri
+from fedbrain.tracking import absolute_uri
 from fedbrain.federated.settings import FederatedSettings
 from fedbrain.federated.strategy import average_metrics
 

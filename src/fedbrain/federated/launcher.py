@@ -13,7 +13,8 @@ SuperNode authentication (the SuperLink admits only registered keys), all made o
 
 Each process runs in its own session, so stopping it means stopping its process group: the
 SuperLink and SuperNodes start `flower-superexec`, which starts a `flwr-serverapp` or
-`flwr-clientapp` per run or message, and killing only the parent would leave those behind.
+`flwr-clientapp` per run or message, and killing only the parent would leave those behind
+(`processes.py`).
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -35,6 +35,7 @@ import psutil
 import tomli
 import tomli_w
 
+from fedbrain import tracking
 from fedbrain.config import get, section, with_variant
 from fedbrain.dataset import HOSPITAL_FOLDER
 from fedbrain.errors import InputError
@@ -42,15 +43,13 @@ from fedbrain.federated.certificates import Pki, ensure_pki, ensure_supernode_ke
 from fedbrain.federated import lean, preflight
 from fedbrain.federated.control import Control
 from fedbrain.federated.encrypted import EncryptionSettings
+from fedbrain.federated.processes import (LOOPBACK, STOP_GRACE_S, free_port, process_tree, stop_process_groups,
+                                          wait_for_port)
 from fedbrain.federated.settings import FederatedSettings
 from fedbrain.privacy.settings import PrivacySettings
 
 APP_TEMPLATE = Path(__file__).parent / "app" / "pyproject.toml"
 FEDERATION = "local"
-LOOPBACK = "127.0.0.1"
-# How long a process gets to exit after SIGTERM before its whole group is killed.
-STOP_GRACE_S = 5.0
-READY_TIMEOUT_S = 60.0
 
 INSECURE_WARNING = ("WARNING: --insecure: TLS and SuperNode authentication are OFF. Model updates "
                     "travel in clear text and any process that reaches the SuperLink can join the "
@@ -64,108 +63,6 @@ def hospitals_in(partition: Path) -> list[int]:
         raise InputError(f"{partition}: no hospital_<k>/index.parquet; run the partition stage first "
                          f"(dvc repro partition)")
     return ks
-
-
-def absolute_uri(uri: str) -> str:
-    """A local MLflow store made absolute: the ServerApp runs in another working directory."""
-    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        return "sqlite:///" + str(Path(uri[len("sqlite:///"):]).resolve())
-    if uri.startswith("file:") and not uri.startswith("file:///"):
-        return Path(uri[len("file:"):]).resolve().as_uri()
-    if "://" not in uri and ":" not in uri:
-        return Path(uri).resolve().as_uri()
-    return uri
-
-
-def tracking_params(params: dict) -> dict:
-    """params with the MLflow store and artifact location absolute, the experiment created here."""
-    from fedbrain import tracking
-
-    params = json.loads(json.dumps(params))
-    mlflow_section = params.setdefault("mlflow", {})
-    mlflow_section["tracking_uri"] = absolute_uri(tracking.tracking_uri(params))
-    location = mlflow_section.get("artifact_location")
-    if location and "://" not in str(location):
-        mlflow_section["artifact_location"] = str(Path(location).resolve())
-    # Created from the project root, so MLflow's default artifact root is not the run's folder.
-    tracking.configure(params)
-    return params
-
-
-# --- processes ---------------------------------------------------------------------------------
-
-def free_port() -> int:
-    """A loopback port nobody listens on right now (the OS picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((LOOPBACK, 0))
-        return sock.getsockname()[1]
-
-
-def wait_for_port(port: int, proc: subprocess.Popen, what: str, log_path: Path,
-                  timeout: float = READY_TIMEOUT_S) -> None:
-    """Until `proc` (or a process it started) listens on `port`. Only its own listener counts: a
-    port chosen free can be taken before `proc` binds it (another federation on the machine), and
-    a connection would then reach the other process while `proc` fails and exits."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{what} exited with code {proc.returncode} while starting; see {log_path}")
-        if _listens(proc.pid, port):
-            return
-        time.sleep(0.2)
-    raise RuntimeError(f"{what} did not listen on {LOOPBACK}:{port} within {timeout:.0f} s; see {log_path}")
-
-
-def _listens(pid: int, port: int) -> bool:
-    for p in _process_tree(pid):
-        try:
-            if any(c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port
-                   for c in p.net_connections(kind="tcp")):
-                return True
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            pass
-    return False
-
-
-def _process_tree(pid: int) -> list[psutil.Process]:
-    try:
-        parent = psutil.Process(pid)
-        return [parent, *parent.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return []
-
-
-def stop_process_groups(procs: list[subprocess.Popen], sig: int = signal.SIGTERM,
-                        grace: float = STOP_GRACE_S) -> None:
-    """Stop processes started in their own sessions, and everything they started.
-
-    Descendants are collected first (one that started its own session would escape the group
-    signal), then every group gets `sig` at once, and SIGKILL whatever is left after `grace`.
-    """
-    tree = [p for proc in procs for p in _process_tree(proc.pid)]
-
-    def signal_all(signum: int, targets: list[psutil.Process]) -> None:
-        for proc in procs:
-            try:
-                os.killpg(proc.pid, signum)
-            except (ProcessLookupError, PermissionError):
-                pass
-        for p in targets:
-            try:
-                p.send_signal(signum)
-            except psutil.NoSuchProcess:
-                pass
-
-    signal_all(sig, tree)
-    _, alive = psutil.wait_procs(tree, timeout=grace)
-    if alive:
-        signal_all(signal.SIGKILL, alive)
-        psutil.wait_procs(alive, timeout=grace)
-    for proc in procs:
-        try:
-            proc.wait(timeout=grace)  # reap our direct children
-        except subprocess.TimeoutExpired:
-            pass
 
 
 @dataclass
@@ -401,7 +298,7 @@ class Federation:
         """Every live process this federation started, with their descendants."""
         pids: set[int] = set()
         for started in self.all_started():
-            for proc in _process_tree(started.proc.pid):
+            for proc in process_tree(started.proc.pid):
                 started.tree.setdefault(proc.pid, proc)
                 pids.add(proc.pid)
         return pids
@@ -575,7 +472,7 @@ def run(params: dict, processed: Path, partition: Path, out: Path, resume: bool 
         for old in out.iterdir():  # an earlier run's personalized models
             if HOSPITAL_FOLDER.fullmatch(old.name):
                 shutil.rmtree(old, ignore_errors=True)
-    params = tracking_params(params)
+    params = tracking.absolute_params(params)
 
     previous = _raise_on_sigterm()
     threads = settings.threads_per_hospital(len(hospitals))

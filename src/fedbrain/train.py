@@ -143,7 +143,8 @@ def _rotation_transforms(angles, height: float, width: float):
 
 
 def augment_batch(images, masks, seed, augment: dict):
-    """Random rotation, flips, brightness and `scanner_intensity` for a batch; masks follow the geometry.
+    """Random rotation, flips, brightness, `missing_sequences` and `scanner_intensity` for a batch; masks
+    follow the geometry.
 
     Stateless ops seeded by (fit seed, batch number): the same run gives the same batches.
     Images are interpolated bilinearly, masks with nearest neighbour so they stay binary.
@@ -177,10 +178,35 @@ def augment_batch(images, masks, seed, augment: dict):
     if brightness > 0:
         delta = tf.random.stateless_uniform([n, 1, 1, 1], seeds[3], -brightness, brightness)
         images = tf.clip_by_value(images + delta, 0.0, 1.0)
+    images = missing_sequences(images, tf.random.experimental.stateless_fold_in(seed, 2),
+                               float(augment.get("missing_sequence", 0.0)))
     return scanner_intensity(images, tf.random.experimental.stateless_fold_in(seed, 1), augment), masks
 
 
 INTENSITY_AUGMENTS = ("gamma", "contrast", "channel_scale", "noise")
+# TCGA-LGG's channel order (the dataset's README): pre-contrast, FLAIR, post-contrast.
+FLAIR_CHANNEL, SEQUENCES = 1, 3
+
+
+def missing_sequences(images, seed, probability: float):
+    """A hospital that did not acquire every sequence, as TCGA-LGG stores it: "missing sequences are
+    replaced with FLAIR" (its README; 9 of its 110 patients lack post-contrast, 6 pre-contrast, and
+    TCGA_DU_7013 here has FLAIR in all three channels). With `probability` per image, its
+    pre-contrast, its post-contrast or both (one of the three, equally likely) become copies of its
+    FLAIR channel; the mask does not change, since the tumour is outlined on FLAIR. 0 leaves the
+    images as they are. 3-channel images only (`check_augment` says so before training)."""
+    if probability <= 0:
+        return images
+    n = tf.shape(images)[0]
+    seeds = tf.random.experimental.stateless_split(seed, 2)
+    missing = tf.random.stateless_uniform([n], seeds[0]) < probability
+    which = tf.random.stateless_uniform([n], seeds[1], 0, 3, dtype=tf.int32)  # 0 pre, 1 post, 2 both
+    flair = images[..., FLAIR_CHANNEL:FLAIR_CHANNEL + 1]
+
+    def filled(channel: int, gone):
+        return tf.where((missing & gone)[:, None, None, None], flair, images[..., channel:channel + 1])
+
+    return tf.concat([filled(0, which != 1), flair, filled(2, which != 0)], axis=-1)
 
 
 def scanner_intensity(images, seed, augment: dict):
@@ -216,14 +242,23 @@ def scanner_intensity(images, seed, augment: dict):
     return tf.clip_by_value(images, 0.0, 1.0)
 
 
-def check_augment(augment: dict) -> None:
-    """InputError naming the key for an intensity amount that is negative or not a number: checked
-    once before the input pipeline is built, not inside its traced map."""
+def check_augment(augment: dict, channels: int | None = None) -> None:
+    """InputError naming the key for an intensity amount that is negative or not a number, or a
+    missing_sequence that is not a probability or meets images without TCGA-LGG's three sequences:
+    checked once before the input pipeline is built, not inside its traced map."""
     for key in INTENSITY_AUGMENTS:
         value = get(augment, key, float, "train.*.augment", default=0.0)  # names the key if not a number
         if not (math.isfinite(value) and value >= 0):
             raise InputError(f"params.yaml: 'train.*.augment.{key}' is {value!r}; use 0 (off) or a "
                              "positive amount")
+    missing = get(augment, "missing_sequence", float, "train.*.augment", default=0.0)
+    if not 0.0 <= missing <= 1.0:  # NaN fails too
+        raise InputError(f"params.yaml: 'train.*.augment.missing_sequence' is {missing!r}; use a probability "
+                         "in [0, 1] (0: off)")
+    if missing > 0 and channels is not None and channels != SEQUENCES:
+        raise InputError(f"params.yaml: 'train.*.augment.missing_sequence' is {missing} but the images have "
+                         f"{channels} channel(s); it copies FLAIR (channel {FLAIR_CHANNEL}) over the pre- and "
+                         "post-contrast channels of 3-sequence MRI (TCGA-LGG): set it to 0 for this data")
 
 
 def epoch_indices(split: Split, task: str, oversample_tumour: int = 1) -> np.ndarray:
@@ -350,7 +385,7 @@ def fit(model: tf.keras.Model, train: Split, val: Split | None, task: str, train
         raise InputError("the training split is empty: nothing to fit")
     opts = {**FIT_DEFAULTS, **(train_params or {})}
     opts["augment"] = {**FIT_DEFAULTS["augment"], **(opts.get("augment") or {})}
-    check_augment(opts["augment"])
+    check_augment(opts["augment"], int(train.images.shape[-1]))
     where = "train"
     batch_size = get(opts, "batch_size", int, where)
     schedule = get(opts, "lr_schedule", str, where, choices=("cosine", "constant"))

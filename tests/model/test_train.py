@@ -271,3 +271,42 @@ def test_scanner_intensity_off_is_the_identity_and_a_negative_amount_names_its_k
         with pytest.raises(InputError, match=r"augment\.contrast"):
             check_augment({"contrast": bad})
     check_augment({"contrast": 0.2, "gamma": 0})
+
+
+def test_missing_sequences_copy_flair_over_pre_or_post_contrast_and_leave_the_rest():
+    rng = np.random.default_rng(2)
+    images = rng.uniform(0.0, 1.0, (60, 8, 8, 3)).astype("float32")
+    masks = (images[..., :1] > 0.5).astype("float32")
+    seed = tf.constant([5, 9], tf.int64)
+    geometry = {"rotation_deg": 10, "hflip": True, "vflip": True}
+    plain_images, plain_masks = augment_batch(tf.constant(images), tf.constant(masks), seed, geometry)
+    out, out_masks = augment_batch(tf.constant(images), tf.constant(masks), seed, {**geometry, "missing_sequence": 1.0})
+    out, plain = out.numpy(), plain_images.numpy()
+    # Masks and the geometric draws do not move; FLAIR (channel 1) is untouched.
+    np.testing.assert_array_equal(out_masks.numpy(), plain_masks.numpy())
+    np.testing.assert_array_equal(out[..., 1], plain[..., 1])
+    pre_gone = np.all(out[..., 0] == out[..., 1], axis=(1, 2))
+    post_gone = np.all(out[..., 2] == out[..., 1], axis=(1, 2))
+    # Every image lost pre-contrast, post-contrast or both; all three patterns occur; a kept channel is its own.
+    assert np.all(pre_gone | post_gone)
+    assert (pre_gone & ~post_gone).any() and (~pre_gone & post_gone).any() and (pre_gone & post_gone).any()
+    np.testing.assert_array_equal(out[~pre_gone][..., 0], plain[~pre_gone][..., 0])
+    np.testing.assert_array_equal(out[~post_gone][..., 2], plain[~post_gone][..., 2])
+    # A share: about that many images touched; 0 is the identity.
+    some = augment_batch(tf.constant(images), None, seed, {"missing_sequence": 0.3})[0].numpy()
+    touched = np.any(some != images, axis=(1, 2, 3)).mean()
+    assert 0.1 < touched < 0.5
+    none = augment_batch(tf.constant(images), None, seed, {"missing_sequence": 0.0})[0].numpy()
+    np.testing.assert_array_equal(none, images)
+
+
+def test_missing_sequence_must_be_a_probability_and_needs_three_sequences():
+    from fedbrain.train import check_augment
+
+    for bad in (-0.1, 1.5, float("nan"), "often"):
+        with pytest.raises(InputError, match=r"augment\.missing_sequence"):
+            check_augment({"missing_sequence": bad}, 3)
+    with pytest.raises(InputError, match=r"missing_sequence.*1 channel\(s\).*set it to 0"):
+        check_augment({"missing_sequence": 0.2}, 1)
+    check_augment({"missing_sequence": 0.0}, 1)
+    check_augment({"missing_sequence": 0.2}, 3)

@@ -293,7 +293,7 @@ def test_supernode_whose_port_was_taken_meanwhile_starts_again_on_another(tmp_pa
         federation.start_superlink()
         ports = iter([taken])
         real_free_port = launcher.free_port
-        monkeypatch.setattr(launcher, "free_port", lambda: next(ports, None) or real_free_port())
+        monkeypatch.setattr(launcher, "free_port", lambda given: next(ports, None) or real_free_port(given))
         federation.start_supernodes([0, 1])
         assert any("hospital_0's ClientAppIo port was taken meanwhile" in line for line in lines), lines
         for name in ("hospital_0", "hospital_1"):

@@ -348,3 +348,15 @@ def test_weights_travel_as_one_vector_and_come_back_as_the_models_arrays(tmp_pat
     assert all(np.array_equal(a, b) for a, b in zip(back, weights))
     with pytest.raises(ValueError, match="not this run's model"):
         weights_of(weights_record(weights[:-1]), model)
+
+
+def test_a_federation_never_gets_the_same_free_port_twice():
+    """Flower's gRPC servers bind with SO_REUSEPORT: two hospitals given one port would both listen on
+    it, each ClientApp reaching either SuperNode. free_port skips every port it gave out before."""
+    from fedbrain.federated.processes import free_port
+
+    first = free_port()  # closed again: the OS may well offer it next
+    given = {first}
+    ports = [free_port(given) for _ in range(200)]
+    assert first not in ports and len(set(ports)) == len(ports) == 200
+    assert given == {first, *ports}

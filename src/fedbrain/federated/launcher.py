@@ -96,7 +96,8 @@ class Federation:
         self.app_dir = self.workdir / "app"
         for path in (self.logs, self.flwr_home, self.app_dir):
             path.mkdir(parents=True, exist_ok=True)
-        self.ports = {"fleet": free_port(), "control": free_port(), "serverappio": free_port()}
+        self.ports_given: set[int] = set()  # every port this federation chose: never one twice (free_port)
+        self.ports = {api: free_port(self.ports_given) for api in ("fleet", "control", "serverappio")}
         self.superlink: Started | None = None
         self.control: Control | None = None
         self.supernodes: dict[str, Started] = {}
@@ -202,7 +203,7 @@ class Federation:
         key = self.paillier_private_key if paillier_key == "default" else paillier_key
         if key is not None:
             node_config += f" paillier-private-key=\"{Path(key).resolve()}\""
-        appio_port = free_port()
+        appio_port = free_port(self.ports_given)
         appio = f"{LOOPBACK}:{appio_port}"
         # --isolation process: the ClientApp runs in this hospital's clientapp_runtime process
         # (started below, TensorFlow imported once), not in a new process per message.

@@ -22,11 +22,29 @@ STOP_GRACE_S = 5.0
 READY_TIMEOUT_S = 60.0
 
 
-def free_port() -> int:
-    """A loopback port nobody listens on right now (the OS picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((LOOPBACK, 0))
-        return sock.getsockname()[1]
+def free_port(given: set[int] | None = None) -> int:
+    """A loopback port nobody listens on right now (the OS picks it) and not in `given`, which it joins.
+
+    Why `given`: a port chosen here stays free until its process binds it, so the OS may pick it again
+    for the next process of the federation meanwhile, and the second bind does not fail: Flower's gRPC
+    servers set SO_REUSEPORT, so both processes listen on one port and the kernel hands each connection
+    to either (seen on a loaded machine: hospitals 0 and 2 on one ClientAppIo port, each ClientApp
+    reaching either SuperNode, the round waiting for ever). A federation passes the ports it gave out.
+    """
+    held = []
+    try:
+        while True:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            held.append(sock)  # kept bound until a new port turns up, so the OS cannot repeat itself
+            sock.bind((LOOPBACK, 0))
+            port = sock.getsockname()[1]
+            if given is None or port not in given:
+                if given is not None:
+                    given.add(port)
+                return port
+    finally:
+        for sock in held:
+            sock.close()
 
 
 def wait_for_port(port: int, proc: subprocess.Popen, what: str, log_path: Path,

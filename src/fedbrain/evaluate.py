@@ -359,12 +359,11 @@ def evaluate_model(path: Path, models: Path, test: Split, classes: list[str], se
     and sites (`segmentation_scores.load_reference`); without it a segmenter is scored on the processed ones.
     ``parts``: each hospital's test part as positions in ``test`` (`hospital_test_parts`); with them the
     metrics hold ``by_hospital`` (`hospital_scores`)."""
-    import tensorflow as tf
-
+    from fedbrain.models import load as load_model
     from fedbrain.train import load_card
 
     try:
-        model = tf.keras.models.load_model(path, compile=False)
+        model = load_model(path)
     except Exception as exc:  # corrupt or foreign files fail in many ways
         raise InputError(f"{path}: cannot load model ({type(exc).__name__}: {exc}); retrain it or remove it") from exc
     info = describe(path, models, model, load_card(path))

@@ -1,10 +1,11 @@
-"""The networks: a compact CNN (default), VGG16 and EfficientNet-B0 backbones, and a U-Net.
+"""The networks: a compact CNN (default), VGG16 and EfficientNet-B0 backbones, a wavelet-feature
+classifier (`scatter`, fedbrain.scattering: the DP variants'), and a U-Net.
 
 Every builder takes the input shape of the preprocessed arrays (size, size, channels) with
 intensities in [0, 1] and returns an uncompiled ``tf.keras.Model``; ``fedbrain.train.compile_model``
 adds the loss, so the same model object can be compiled with a DP optimizer by the federated
-hospitals. All layers are stock Keras layers so ``.keras`` files load with
-``tf.keras.models.load_model(path, compile=False)`` and no custom objects.
+hospitals. All layers are stock Keras layers but `scatter`'s front end (fedbrain.scattering.Scattering,
+registered with Keras): load saved models with ``load`` below, which imports it.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from fedbrain.errors import InputError
 
 layers = tf.keras.layers
 
-CLASSIFIERS = ("cnn", "vgg16", "efficientnet_b0")
+CLASSIFIERS = ("cnn", "vgg16", "efficientnet_b0", "scatter")
 SEGMENTERS = ("unet",)
 MODELS = CLASSIFIERS + SEGMENTERS
 
@@ -36,6 +37,8 @@ def task_of(name: str) -> str:
 NORMALIZATIONS = ("batch", "group")
 # The models that have a GroupNormalization form (for DP-SGD, which cannot train BatchNorm).
 GROUP_NORM_MODELS = ("cnn", "unet")
+# Models without learned normalisation whatever `normalization` says (scatter standardises each image).
+WITHOUT_BATCH_NORM = ("scatter",)
 
 
 def build_model(name: str, input_shape: tuple[int, int, int], num_classes: int,
@@ -50,7 +53,7 @@ def build_model(name: str, input_shape: tuple[int, int, int], num_classes: int,
     task_of(name)
     if normalization not in NORMALIZATIONS:
         raise InputError(f"unknown normalization {normalization!r}; expected one of {', '.join(NORMALIZATIONS)}")
-    if normalization == "group" and name not in GROUP_NORM_MODELS:
+    if normalization == "group" and name not in GROUP_NORM_MODELS + WITHOUT_BATCH_NORM:
         raise InputError(f"model {name!r} has no GroupNorm form: only {' and '.join(GROUP_NORM_MODELS)} do; "
                          f"set normalization: batch or model: cnn")
     input_shape = tuple(int(v) for v in input_shape)
@@ -66,6 +69,10 @@ def build_model(name: str, input_shape: tuple[int, int, int], num_classes: int,
         return compact_cnn(input_shape, num_classes, normalization=normalization, width=width or 32)
     if name == "unet":
         return unet(input_shape, normalization=normalization)
+    if name == "scatter":
+        from fedbrain.scattering import scatter_classifier
+
+        return scatter_classifier(input_shape, num_classes)
     return keras_application(name, input_shape, num_classes, weights or "none")
 
 
@@ -82,6 +89,13 @@ CNN_BN_MOMENTUM = 0.9
 # (InstanceNorm, which removes each channel's contrast, the signal in MRI intensities). 8 groups
 # keeps at least 2 channels per group; gcd with the width always divides it, as the layer needs.
 GROUP_NORM_GROUPS = 8
+
+
+def load(path) -> tf.keras.Model:
+    """A saved model, uncompiled (every fedbrain model loads this way)."""
+    import fedbrain.scattering  # noqa: F401  (registers the scatter classifier's front end with Keras)
+
+    return tf.keras.models.load_model(path, compile=False)
 
 
 def _norm(x, normalization: str, momentum: float):

@@ -33,12 +33,12 @@ from fedbrain.errors import InputError
 
 
 def _load(model_path: Path):
-    import tensorflow as tf
+    from fedbrain.models import load as load_model
 
     if not model_path.is_file():
         raise InputError(f"{model_path}: model file not found; train one first (fedbrain train-centralized)")
     try:
-        return tf.keras.models.load_model(model_path, compile=False)
+        return load_model(model_path)
     except Exception as exc:  # corrupt or foreign files fail in many ways
         raise InputError(f"{model_path}: cannot load model ({type(exc).__name__}); pass a .keras file written by fedbrain") from exc
 

@@ -49,9 +49,9 @@ def _logged_model_id(client: mlflow.MlflowClient, run_id: str) -> str | None:
 
 def _log_model(run_id: str, path: Path) -> str:
     """Log the .keras file to the run as an MLflow model (its training logged none); its model id."""
-    import tensorflow as tf
+    from fedbrain.models import load as load_model
 
-    model = tf.keras.models.load_model(path, compile=False)
+    model = load_model(path)
     with mlflow.start_run(run_id=run_id):
         return tracking.log_tensorflow_model(model)
 

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
+from fedbrain import scattering
 from fedbrain.config import get, section
 from fedbrain.dataset import Split, load_classes, load_split, write_atomic, write_text_atomic
 from fedbrain.errors import InputError
@@ -114,11 +115,14 @@ def compile_model(model: tf.keras.Model, task: str, learning_rate: float, optimi
         optimizer = tf.keras.optimizers.Adam(learning_rate)
     if task == "classification":
         loss = tf.keras.losses.CategoricalCrossentropy(label_smoothing=label_smoothing, reduction=reduction)
-        metrics = ["accuracy"]
+        metrics = lambda: ["accuracy"]  # noqa: E731  (one list per model compiled)
     else:
         loss = DiceBCELoss(reduction=reduction)
-        metrics = [Dice()]
-    model.compile(optimizer=optimizer, loss=loss, metrics=metrics)
+        metrics = lambda: [Dice()]  # noqa: E731
+    model.compile(optimizer=optimizer, loss=loss, metrics=metrics())
+    # The scatter classifier trains its head on features computed once (fedbrain.scattering).
+    scattering.compile_view(model, lambda head, same_optimizer: head.compile(
+        optimizer=same_optimizer, loss=loss, metrics=metrics()))
     return model
 
 
@@ -386,6 +390,11 @@ def fit(model: tf.keras.Model, train: Split, val: Split | None, task: str, train
     opts = {**FIT_DEFAULTS, **(train_params or {})}
     opts["augment"] = {**FIT_DEFAULTS["augment"], **(opts.get("augment") or {})}
     check_augment(opts["augment"], int(train.images.shape[-1]))
+    if (head := scattering.training_view(model, opts["augment"])) is not None:
+        # Without augmentation the whole model on the images and its head on their features are
+        # one computation; the features are computed once per process (fedbrain.scattering).
+        train, val = scattering.features(model, train), None if val is None else scattering.features(model, val)
+        model = head
     where = "train"
     batch_size = get(opts, "batch_size", int, where)
     schedule = get(opts, "lr_schedule", str, where, choices=("cosine", "constant"))

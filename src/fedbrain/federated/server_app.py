@@ -321,6 +321,7 @@ def evaluate_global_model(grid: Grid, strategy: HospitalFedAvg, settings: RunSet
 def main(grid: Grid, context: Context) -> None:
     import tensorflow as tf
 
+    from fedbrain.models import load as load_model
     from fedbrain.train import save_model
 
     shorten_object_pulls()  # this process (flwr-serverapp) runs only this app: replies are pulled sooner
@@ -333,8 +334,7 @@ def main(grid: Grid, context: Context) -> None:
     if state is not None:
         first = state["round"] + 1
         state.pop("stopped", None)  # a run stopped for too few valid updates goes on from its last good model
-        model.set_weights(tf.keras.models.load_model(checkpoints.model_path(state["round"]),
-                                                     compile=False).get_weights())
+        model.set_weights(load_model(checkpoints.model_path(state["round"])).get_weights())
         log(INFO, "resuming %s after round %d of %d", settings.role, state["round"], settings.rounds)
     else:
         checkpoints.clear()
@@ -460,7 +460,7 @@ def main(grid: Grid, context: Context) -> None:
         # no hospital kept its weights): an evaluate message with its saved model.
         for record in state["rounds"]:
             if not _has_val(record):
-                saved = tf.keras.models.load_model(checkpoints.model_path(record["round"]), compile=False)
+                saved = load_model(checkpoints.model_path(record["round"]))
                 global_models.evaluated(evaluate_global_model(
                     grid, strategy, settings, record, known, arrays=weights_record(saved.get_weights()),
                     temperatures=record["round"] == global_models.last_round))

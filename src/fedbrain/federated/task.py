@@ -247,11 +247,14 @@ def evaluate_locally(model, settings: RunSettings, hospital: int, temperatures: 
     """The global model on this hospital's validation split: ({loss, accuracy|dice}, examples).
     `temperatures` (a classifier's last global model): also its mean NLL at each of
     reliability.TEMPERATURES under TEMPERATURE_NLL, from which the server fits the model's temperature."""
+    from fedbrain import scattering
     from fedbrain.train import make_dataset
 
     val = hospital_data(settings, hospital, "val")
     if len(val) == 0:
         return {}, 0
+    if (head := scattering.training_view(model)) is not None:  # its features, computed once per run
+        val, model = scattering.features(model, val), head
     num_classes = int(model.output_shape[-1]) if settings.task == "classification" else 1
     batch_size = int(settings.train_params.get("batch_size", 32))
     dataset = make_dataset(val, settings.task, num_classes, batch_size, settings.seed, training=False)

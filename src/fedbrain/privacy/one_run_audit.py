@@ -236,11 +236,11 @@ def canary_scores(proba: np.ndarray, canary_labels: np.ndarray) -> np.ndarray:
 
 def score_canaries(model_path: Path, processed: Path, canaries: pd.DataFrame, batch_size: int = 64) -> np.ndarray:
     """Each canary's score under the trained classifier at ``model_path`` (a .keras file)."""
-    import tensorflow as tf
+    from fedbrain.models import load as load_model
 
     images = np.load(Path(processed) / "images.npy", mmap_mode="r")
     x = np.asarray(images[canaries["row"].to_numpy(np.int64)], dtype=np.float32)
-    model = tf.keras.models.load_model(model_path, compile=False)
+    model = load_model(model_path)
     proba = model.predict(x, batch_size=batch_size, verbose=0)
     return canary_scores(proba, canaries["canary_label"].to_numpy())
 

@@ -1,6 +1,7 @@
 """Does a fixed wavelet front end make DP-SGD useful at epsilon 8? (not a test; issue 12's lead)
 
-  .venv/bin/pip install kymatio==0.3.0      # not a project dependency (yet)
+  (Kymatio is a project dependency since the dp and secure variants train fedbrain.scattering's
+  `scatter` classifier, this bench's dp-J4-linear; the bench keeps its own copy of the transform.)
   PYTHONPATH=src .venv/bin/python bench/dp_features.py [--data build/bench/brain-tumor-mri]
       [--examples 1500] [--epochs 20] [--epsilon 8] [--only NAME ...] [--federated R E [--dp-only]]
 
@@ -70,7 +71,27 @@ SETTINGS = {
     "dp-J4-linear-b512": (4, "linear", 512, 0.01, True),
     "dp-J4-linear-b512-lr20m": (4, "linear", 512, 0.02, True),
     "dp-J4-linear-b128": (4, "linear", 128, 0.01, True),
+    # Weight-free normalisations of the J=4 features before the linear head: `order` standardises
+    # each scattering order (1, 8J and 32J(J-1) channels) apart, per image; `log` takes log(x + 1e-3)
+    # first; `logorder` both.
+    "plain-J4-order": (4, "order", 256, 0.01, False),
+    "dp-J4-order": (4, "order", 256, 0.01, True),
+    "plain-J4-log": (4, "log", 256, 0.01, False),
+    "dp-J4-log": (4, "log", 256, 0.01, True),
+    "plain-J4-logorder": (4, "logorder", 256, 0.01, False),
+    "dp-J4-logorder": (4, "logorder", 256, 0.01, True),
 }
+
+
+def _by_order(x, J: int = 4, L: int = 8):
+    """Each scattering order's channels standardised apart, per image (no weights)."""
+    bounds = [0, 1, 1 + L * J, x.shape[-1]]
+    parts = []
+    for lo, hi in zip(bounds, bounds[1:]):
+        part = x[..., lo:hi]
+        mean, var = tf.nn.moments(part, axes=(1, 2, 3), keepdims=True)
+        parts.append((part - mean) * tf.math.rsqrt(var + 1e-3))
+    return tf.concat(parts, axis=-1)
 
 
 def scattering(images: np.ndarray, J: int) -> np.ndarray:
@@ -91,7 +112,13 @@ def scattering(images: np.ndarray, J: int) -> np.ndarray:
 
 def head(shape, kind: str, num_classes: int) -> tf.keras.Model:
     inputs = tf.keras.Input(shape)
-    x = layers.GroupNormalization(groups=1, center=False, scale=False)(inputs)  # per image, no weights
+    x = inputs
+    if kind in ("log", "logorder"):
+        x = layers.Lambda(lambda t: tf.math.log(tf.maximum(t, 0.0) + 1e-3))(x)
+    if kind in ("order", "logorder"):
+        x = layers.Lambda(_by_order)(x)
+    else:
+        x = layers.GroupNormalization(groups=1, center=False, scale=False)(x)  # per image, no weights
     if kind.startswith("cnn"):
         width = int(kind[3:])
         for i, filters in enumerate((width, 2 * width, 4 * width)):

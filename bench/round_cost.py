@@ -12,7 +12,7 @@ A real FedAvg federation (fedbrain.federated.launcher: SuperLink and SuperNodes 
 authentication on) with params.yaml's federated and train.classifier settings. Each hospital times
 every part of its message (fedbrain/federated/phases.py): settings, model, evaluation of the previous
 global model, decoding and setting the weights, BatchNorm calibration, fit (first epoch, the other
-epochs, validation, datasets and best-weights copies), encoding the reply; and the whole handling by
+epochs, datasets; then the one validation of what it sends), encoding the reply; and the whole handling by
 its own clock, so a part nobody timed is printed as `untimed`. Per round it prints:
   - each hospital's phases, and its fixed cost: handling time - local epochs x its steady epoch (the
     median of its epochs after the first, timed in its own process, under the same contention);

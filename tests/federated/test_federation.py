@@ -191,6 +191,11 @@ def test_two_rounds_three_hospitals_tls_auth_tracked_and_cleaned_up(tmp_path, ti
         assert record["bytes_up"] > 0 and record["bytes_down"] > 0
         assert record["wall_time_s"] >= record["train_phase_s"] + record["calibration_phase_s"]
         assert record["train_phase_s"] >= max(h["train_time_s"] for h in record["hospitals"].values()) > 0
+        # bench/round_cost.py's parts of a hospital's handling add up to it: nothing unaccounted.
+        for hospital in record["hospitals"].values():
+            parts = sum(v for key, v in hospital.items() if key.startswith("phase_") and key != "phase_handler_s")
+            assert abs(parts - hospital["phase_handler_s"]) <= 0.05 * hospital["phase_handler_s"], hospital
+            assert hospital["phase_local_validation_s"] > 0 and "phase_fit_validation_s" not in hospital
     # Round 1's message has no earlier model to evaluate; round 2's and the final ones do.
     assert [all(h.get("evaluation_time_s", 0) > 0 for h in r["hospitals"].values()) for r in card["round_records"]] \
         == [False, True]

@@ -36,7 +36,7 @@ from fedbrain.federated.encrypted import TOTAL, EncryptionSettings, HospitalCiph
 from fedbrain.federated.phases import Phases, fit_timer
 from fedbrain.federated.task import (CALIBRATION_WEIGHT_KEY, PREVIOUS_STATISTICS, STATISTICS, VAL_WEIGHT_KEY,
                                     WEIGHT_KEY, RunSettings, batch_norm_statistics, evaluate_locally,
-                                    hospital_model, hospital_privacy, returned_epoch, set_batch_norm_statistics,
+                                    hospital_model, hospital_privacy, set_batch_norm_statistics,
                                     train_locally, trainable_positions, weights_of, weights_record)
 from fedbrain.federated.update_checks import check_values
 from fedbrain.privacy.budget import HospitalPrivacy
@@ -123,10 +123,6 @@ def _hospital(context: Context) -> int:
     return int(context.node_config["partition-id"])
 
 
-def _train_name(key: str) -> str:
-    return f"local_{key}" if key.startswith("val_") else f"train_{key}"
-
-
 def _val_metrics(results: dict) -> dict:
     """Named as the centralized run's validation metrics (val_loss, val_accuracy | val_dice); a list
     (the NLL per temperature) stays a list."""
@@ -205,14 +201,16 @@ def _round(msg: Message, context: Context, train: bool) -> Message:
         timer = fit_timer()
         history, seconds, examples = train_locally(model, settings, hospital, server_round, callbacks=[timer])
         phases.add_fit(timer, seconds)
-        # The epoch whose weights go back (fit keeps the best on local validation): train_loss,
-        # train_accuracy|train_dice on this hospital's train split, and local_val_* of that model
-        # on its own validation split. Under DP-SGD train_* are left out: they are computed on the
-        # training images without noise, outside what the epsilon covers.
+        with phases("local-validation"):
+            local_val, _ = evaluate_locally(model, settings, hospital)
+        # The last epoch's weights go back: train_loss, train_accuracy|train_dice of that epoch on this
+        # hospital's train split, and local_val_* of those weights on its own validation split. Under
+        # DP-SGD train_* are left out: they are computed on the training images without noise,
+        # outside what the epsilon covers.
         with phases("results"):
-            epoch = returned_epoch(history, settings.train_params)
-            metrics.update({_train_name(key): float(values[epoch]) for key, values in history.items()
-                            if len(values) > epoch and key != "lr" and (privacy is None or key.startswith("val_"))})
+            metrics.update({f"local_val_{key}": float(value) for key, value in local_val.items()})
+            if privacy is None:
+                metrics.update({f"train_{key}": float(values[-1]) for key, values in history.items() if key != "lr"})
             metrics.update({WEIGHT_KEY: examples, "train-time-s": seconds, "epochs-run": len(history.get("loss", []))})
             if privacy is not None:
                 metrics.update(privacy.report(server_round))

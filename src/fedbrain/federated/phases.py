@@ -6,8 +6,8 @@ them per hospital and round (MLflow ``hospital_<k>/phase_<name>_s``). They are t
 process, never averaged into the model's metrics.
 
 A round's local training is split the same way: its first epoch (the one that pays for any
-tracing), the median of the others (the steady compute an epoch costs), validation after each
-epoch, and the rest of ``fit`` (datasets, callbacks, the best-weights copies and restore).
+tracing), the median of the others (the steady compute an epoch costs), and the rest of ``fit``
+(datasets, callbacks); then the one validation of the weights the hospital sends.
 """
 
 from __future__ import annotations
@@ -47,8 +47,7 @@ class Phases:
         epochs = timer.epochs
         self.add("fit-first-epoch", epochs[0] if epochs else 0.0)
         self.add("fit-other-epochs", sum(epochs[1:]))
-        self.add("fit-validation", sum(timer.validation))
-        self.add("fit-setup-and-best-weights", total - sum(epochs) - sum(timer.validation))
+        self.add("fit-setup", total - sum(epochs))
 
     def metrics(self, timer=None) -> dict[str, float]:
         out = {f"{PREFIX}{name}-s": seconds for name, seconds in self.seconds.items()}
@@ -60,31 +59,20 @@ class Phases:
 
 
 def fit_timer():
-    """A Keras callback timing each epoch's training and, apart, its validation (with the
-    early-stopping check and best-weights copy, which run before it at the epoch's end)."""
+    """A Keras callback timing each epoch (a hospital's local fit has no validation split: it
+    validates once after fit, its phase `local-validation`)."""
     import tensorflow as tf
 
     class FitTimer(tf.keras.callbacks.Callback):
         def __init__(self):
             super().__init__()
             self.epochs: list[float] = []
-            self.validation: list[float] = []
             self._clock = 0.0
 
         def on_epoch_begin(self, epoch, logs=None):
             self._clock = time.perf_counter()
 
-        def on_test_begin(self, logs=None):  # the epoch's training steps are done
-            now = time.perf_counter()
-            self.epochs.append(now - self._clock)
-            self._clock = now
-
         def on_epoch_end(self, epoch, logs=None):
-            now = time.perf_counter()
-            if len(self.epochs) > len(self.validation):
-                self.validation.append(now - self._clock)
-            else:  # no validation split
-                self.epochs.append(now - self._clock)
-                self.validation.append(0.0)
+            self.epochs.append(time.perf_counter() - self._clock)
 
     return FitTimer()

@@ -209,27 +209,18 @@ def hospital_data(settings: RunSettings, hospital: int, split: str) -> Split:
     return load_split(settings.processed, settings.partition, split, hospital=hospital)
 
 
-def returned_epoch(history: dict[str, list[float]], train_params: dict) -> int:
-    """The epoch whose weights `fit` returns: the best on the validation split (early stopping
-    restores it), or the last one when there was no validation split."""
-    from fedbrain.train import FIT_DEFAULTS
-
-    monitor = str(train_params.get("monitor", FIT_DEFAULTS["monitor"]))
-    values = history.get(monitor)
-    if not values:
-        return len(history.get("loss", [0])) - 1
-    best = max if monitor.endswith(("accuracy", "dice")) else min
-    return values.index(best(values))
-
-
 def train_locally(model, settings: RunSettings, hospital: int, server_round: int, callbacks=()
                   ) -> tuple[dict, float, int]:
     """`local_epochs` of the baseline's `fit` on this hospital's data: (history, seconds, examples).
+    The last epoch's weights go back: no validation after each local epoch and no best-epoch restore
+    inside a round (the hospital validates what it sends once, `evaluate_locally`). Validating every
+    epoch was the largest fixed cost of a round (bench/round_cost.py: ~6 s of a ~110 s full-set
+    round), and a round's local rate decays to ~0 by its last epoch (cosine), where the best one was.
     Under fedprox the model holds the received (global) weights when this is called: they anchor the
     proximal term."""
     from fedbrain.train import fit
 
-    train, val = hospital_data(settings, hospital, "train"), hospital_data(settings, hospital, "val")
+    train = hospital_data(settings, hospital, "train")
     # A different shuffle and augmentation stream per hospital and round, reproducible per run.
     seed = settings.seed + 1000 * server_round + hospital
     if settings.strategy.name == "fedprox":  # mu/2 ||w - w_received||^2 in the local loss (proximal.py)
@@ -237,7 +228,7 @@ def train_locally(model, settings: RunSettings, hospital: int, server_round: int
 
         callbacks = [*callbacks, proximal_term(model, settings.strategy.proximal_mu)]
     start = time.perf_counter()
-    history = fit(model, train, val, settings.task, settings.train_params, epochs=settings.local_epochs,
+    history = fit(model, train, None, settings.task, settings.train_params, epochs=settings.local_epochs,
                   seed=seed, class_weight=bool(settings.train_params.get("class_weight", True)), callbacks=callbacks,
                   verbose=0)
     return history, time.perf_counter() - start, len(train)

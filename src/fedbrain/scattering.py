@@ -5,10 +5,10 @@ images it must protect. A scattering transform (Morlet wavelets at J scales and 
 modulus, twice, then averaged over 2^J x 2^J pixels) has no weights: nothing in it is learned from
 the data, so it costs no privacy, and only the linear head over it trains. Tramer & Boneh,
 "Differentially private learning needs better features (or much more data)", ICLR 2021: on small
-sets such a head beats end-to-end private CNNs. Measured here (bench/dp_features.py, bench/README):
-federated at epsilon 8, 0.79 test accuracy against the width-8 GroupNorm cnn's 0.59.
+sets such a head beats end-to-end private CNNs. Measured here (bench/variants.py, bench/README): the
+dp variant federated at epsilon 8, 0.78 test accuracy against the width-8 GroupNorm cnn's 0.59.
 
-Kymatio computes the transform (we do not rewrite it). It costs ~45 ms an image on 2 cores, so
+Kymatio computes the transform (we do not rewrite it). It costs ~55 ms an image on 2 cores, so
 training never recomputes it: with augmentation off (the images a step sees are the stored ones),
 `fit` and the federated evaluation train and score the head on `features` computed once per
 process and split (`training_view`), which is the same mathematics as the whole model on the

@@ -31,8 +31,8 @@ Printed: the global model's pooled validation accuracy by round and its test acc
 same federation without DP in the same run.
 
 Kymatio 0.3.0 (2022, its latest release) imports scipy.special.sph_harm for its 3-D transform, which
-SciPy 1.17 removed; the 2-D transform never calls it, so this bench sets a placeholder before the
-import. Nothing else of Kymatio or SciPy is changed.
+SciPy 1.17 removed; the 2-D transform never calls it, so this bench sets the project's placeholder
+(fedbrain.scattering.allow_kymatio_import) before the import. Nothing else of Kymatio or SciPy is changed.
 """
 
 from __future__ import annotations
@@ -96,10 +96,9 @@ def _by_order(x, J: int = 4, L: int = 8):
 
 def scattering(images: np.ndarray, J: int) -> np.ndarray:
     """Kymatio's 2-D scattering of grey images [N, H, W, 1] -> [N, H/2^J, W/2^J, channels]."""
-    import scipy.special
+    from fedbrain.scattering import allow_kymatio_import
 
-    if not hasattr(scipy.special, "sph_harm"):  # see the module docstring: 3-D only, never called
-        scipy.special.sph_harm = None
+    allow_kymatio_import()  # see the module docstring: sph_harm is 3-D only, never called
     try:
         from kymatio.keras import Scattering2D
     except ImportError as exc:

@@ -36,10 +36,10 @@ _FEATURES: dict[tuple, np.ndarray] = {}
 _VIEWS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
-def _kymatio_scattering2d():
-    """Kymatio's TensorFlow Scattering2D. Kymatio 0.3.0 (its latest release) imports
-    scipy.special.sph_harm for its 3-D transform at package import; SciPy 1.17 removed it. The 2-D
-    transform never calls it: a placeholder that raises is set first, for that pair of versions only."""
+def allow_kymatio_import() -> None:
+    """Kymatio 0.3.0 (its latest release) imports scipy.special.sph_harm for its 3-D transform at
+    package import; SciPy 1.17 removed it. The 2-D transform never calls it: a placeholder that
+    raises is set, for that pair of versions only (bench/dp_features.py imports Kymatio this way too)."""
     import scipy
     import scipy.special
 
@@ -54,6 +54,11 @@ def _kymatio_scattering2d():
             raise NotImplementedError("scipy.special.sph_harm was removed in SciPy 1.17 (Kymatio's 3-D transform)")
 
         scipy.special.sph_harm = sph_harm
+
+
+def _kymatio_scattering2d():
+    """Kymatio's TensorFlow Scattering2D."""
+    allow_kymatio_import()
     from kymatio.tensorflow import Scattering2D
 
     return Scattering2D
@@ -131,11 +136,11 @@ def front_and_head(model) -> tuple[Scattering, tf.keras.Model] | None:
     return None
 
 
-def compile_view(model, compile_head) -> None:
+def compile_view(model, loss, metric) -> None:
     """After `model` (a scatter classifier, private or not) is compiled: its head as the model
-    `fit` trains, a model of the same kind over the head's layers (the same weights), compiled by
-    `compile_head(view, optimizer)` with the full model's optimizer object, so the learning rate a
-    federated hospital sets and Adam's moments are one."""
+    `fit` trains, a model of the same kind over the head's layers (the same weights), compiled with
+    `loss`, `metric` and the full model's optimizer object, so the learning rate a federated
+    hospital sets and Adam's moments are one. Other models: nothing."""
     parts = front_and_head(model)
     if parts is None:
         return
@@ -147,7 +152,7 @@ def compile_view(model, compile_head) -> None:
                             model._layer_registry, name=f"{model.name}_head")
     else:
         view = tf.keras.Model(head.inputs, head.outputs, name=f"{model.name}_head")
-    compile_head(view, model.optimizer)
+    view.compile(optimizer=model.optimizer, loss=loss, metrics=[metric])
     _VIEWS[model] = view
 
 

@@ -115,14 +115,13 @@ def compile_model(model: tf.keras.Model, task: str, learning_rate: float, optimi
         optimizer = tf.keras.optimizers.Adam(learning_rate)
     if task == "classification":
         loss = tf.keras.losses.CategoricalCrossentropy(label_smoothing=label_smoothing, reduction=reduction)
-        metrics = lambda: ["accuracy"]  # noqa: E731  (one list per model compiled)
+        metric = "accuracy"
     else:
         loss = DiceBCELoss(reduction=reduction)
-        metrics = lambda: [Dice()]  # noqa: E731
-    model.compile(optimizer=optimizer, loss=loss, metrics=metrics())
+        metric = Dice()
+    model.compile(optimizer=optimizer, loss=loss, metrics=[metric])
     # The scatter classifier trains its head on features computed once (fedbrain.scattering).
-    scattering.compile_view(model, lambda head, same_optimizer: head.compile(
-        optimizer=same_optimizer, loss=loss, metrics=metrics()))
+    scattering.compile_view(model, loss, metric)
     return model
 
 

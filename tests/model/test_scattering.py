@@ -77,3 +77,33 @@ def test_scatter_classifier_refuses_augmentation_and_odd_sizes():
             epochs=1, seed=0, verbose=0)
     with pytest.raises(InputError, match="multiples of 16"):
         build_model("scatter", (40, 40, 1), 4)
+
+
+
+def _one_private_step(noise: float) -> np.ndarray:
+    """The head's weights after one DP-SGD step from the same start (seeded model, fresh Adam)."""
+    tf.keras.backend.clear_session()
+    tf.keras.utils.set_random_seed(5)
+    model = build_model("scatter", (32, 32, 1), 4)
+    private = compile_model(private_model(model, l2_norm_clip=1.0, noise_multiplier=noise), "classification", 0.01)
+    data = _split(8, 3, "n")
+    scattering.training_view(private).train_on_batch(scattering.features(model, data).images,
+                                                     tf.one_hot(data.labels, 4))
+    return model.get_weights()[0]
+
+
+def test_under_dp_the_head_that_trains_is_noised_at_the_planned_multiplier():
+    """The DP claim of the scatter classifier: what fit trains is a PrivateModel at the model's clip and
+    noise (not a plain view) sharing its optimizer, and its steps carry noise: two steps from the same
+    start differ with noise, and are equal without it."""
+    from fedbrain.privacy.dp_sgd import PrivateModel
+
+    model = build_model("scatter", (32, 32, 1), 4)
+    private = compile_model(private_model(model, l2_norm_clip=1.0, noise_multiplier=2.0), "classification", 0.01)
+    head = scattering.training_view(private)
+    assert isinstance(head, PrivateModel) and (head.l2_norm_clip, head.noise_multiplier) == (1.0, 2.0)
+    assert head.optimizer is private.optimizer
+    assert not isinstance(scattering.training_view(compile_model(build_model("scatter", (32, 32, 1), 4),
+                                                                  "classification", 0.01)), PrivateModel)
+    np.testing.assert_array_equal(_one_private_step(0.0), _one_private_step(0.0))
+    assert not np.allclose(_one_private_step(2.0), _one_private_step(2.0))

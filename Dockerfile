@@ -28,7 +28,7 @@ RUN groupadd --system --gid 49999 app \
  && useradd --system --uid 49999 --gid 49999 --home-dir /app --create-home --shell /usr/sbin/nologin app
 
 # A virtual environment on PATH: the SuperLink and SuperNodes start `flower-superexec` by name.
-# pip pinned: 26.3, the pip of the project .venv (scripts/env.sh) that installed the lock.
+# pip pinned (26.3): the lock resolves to the same versions with it as with uv, which scripts/env.sh uses.
 RUN python -m venv /opt/fedbrain \
  && pip install --no-cache-dir pip==26.3
 

@@ -11,10 +11,17 @@ command -v "$PYTHON" >/dev/null || { echo "error: $PYTHON not found; fedbrain ne
 stamp=.venv/.fedbrain-installed
 want=$(cat pyproject.toml requirements.lock | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
-  echo "Installing the tested dependency set into .venv (first run: a few minutes)..."
-  .venv/bin/python -m pip install --quiet --upgrade pip
-  # One pip call with the lock as constraints: installing pieces separately drifts (DESIGN.md).
-  .venv/bin/python -m pip install --quiet -c requirements.lock -e '.[test]'
+  echo "Installing the tested dependency set into .venv (first run: about a minute)..."
+  # One install call with the lock as constraints: installing pieces separately drifts (DESIGN.md).
+  # uv installs the same pinned versions as pip, downloading and unpacking in parallel: 40 s instead
+  # of pip's 1 min 44 s here (bench/README, "The first run"). uv reads no pip.conf: where only pip's
+  # configured index can reach the packages, uv fails and pip installs instead.
+  if ! { .venv/bin/python -m pip install --quiet uv==0.13.9 &&
+         .venv/bin/uv pip install --quiet --python .venv/bin/python -c requirements.lock -e '.[test]'; }; then
+    echo "uv could not install the set; installing with pip (a few minutes)..." >&2
+    .venv/bin/python -m pip install --quiet --upgrade pip
+    .venv/bin/python -m pip install --quiet -c requirements.lock -e '.[test]'
+  fi
   echo "$want" > "$stamp"
 fi
 # dvc stages call `fedbrain`, and the Flower SuperLink starts `flower-superexec` by name.

@@ -23,6 +23,19 @@ def pytest_configure(config):
     signal.signal(signal.SIGTERM, interrupt)
 
 
+@pytest.fixture(autouse=True)
+def mlflow_environment():
+    """MLflow 3's set_tracking_uri also writes MLFLOW_TRACKING_URI into os.environ: a test that logs in
+    process would point every later test's subprocesses (dvc repro, a federation) at its own store,
+    so the dvc pipeline's runs would land in another test's database. Each test leaves the MLflow
+    variables as it found them."""
+    before = {k: v for k, v in os.environ.items() if k.startswith("MLFLOW_")}
+    yield
+    for name in [k for k in os.environ if k.startswith("MLFLOW_") and k not in before]:
+        del os.environ[name]
+    os.environ.update(before)
+
+
 @pytest.fixture
 def shared_data():
     return shared_path

@@ -13,11 +13,14 @@ want=$(cat pyproject.toml requirements.lock | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "Installing the tested dependency set into .venv (first run: about a minute)..."
   # One install call with the lock as constraints: installing pieces separately drifts (DESIGN.md).
-  # uv installs the same pinned versions as pip, downloading and unpacking in parallel: 40 s instead
-  # of pip's 1 min 44 s here (bench/README, "The first run"). uv reads no pip.conf: where only pip's
-  # configured index can reach the packages, uv fails and pip installs instead.
+  # uv installs the same pinned versions as pip, downloading and unpacking in parallel: 38 s instead
+  # of pip's 1 min 44 s here (bench/README, "Installing with uv"). --compile-bytecode as pip does: where
+  # PYTHONDONTWRITEBYTECODE is set no .pyc is ever written later, and every process would compile
+  # TensorFlow's sources again (its import: 8-10 s instead of 3.5). uv reads no pip.conf: where only
+  # pip's configured index can reach the packages, uv fails and pip installs instead.
   if ! { .venv/bin/python -m pip install --quiet uv==0.13.9 &&
-         .venv/bin/uv pip install --quiet --python .venv/bin/python -c requirements.lock -e '.[test]'; }; then
+         .venv/bin/uv pip install --quiet --compile-bytecode --python .venv/bin/python \
+           -c requirements.lock -e '.[test]'; }; then
     echo "uv could not install the set; installing with pip (a few minutes)..." >&2
     .venv/bin/python -m pip install --quiet --upgrade pip
     .venv/bin/python -m pip install --quiet -c requirements.lock -e '.[test]'

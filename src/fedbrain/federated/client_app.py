@@ -199,8 +199,9 @@ def _round(msg: Message, context: Context, train: bool) -> Message:
         with phases("set-statistics"):
             set_batch_norm_statistics(model, stats)
         timer = fit_timer()
+        start = time.perf_counter()  # fit and the reading of this hospital's images, which fit-setup holds
         history, seconds, examples = train_locally(model, settings, hospital, server_round, callbacks=[timer])
-        phases.add_fit(timer, seconds)
+        phases.add_fit(timer, time.perf_counter() - start)
         with phases("local-validation"):
             local_val, _ = evaluate_locally(model, settings, hospital)
         # The last epoch's weights go back: train_loss, train_accuracy|train_dice of that epoch on this
@@ -214,12 +215,12 @@ def _round(msg: Message, context: Context, train: bool) -> Message:
             metrics.update({WEIGHT_KEY: examples, "train-time-s": seconds, "epochs-run": len(history.get("loss", []))})
             if privacy is not None:
                 metrics.update(privacy.report(server_round))
-        # Personal layers stay here; they leave as received (personal.py).
-        trained = model.get_weights()
-        layers.keep(trained, server_round)
-        outgoing = layers.outgoing(trained, received)
-        if cipher is None:
-            with phases("encode"):
+        with phases("encode"):
+            # Personal layers stay here; they leave as received (personal.py).
+            trained = model.get_weights()
+            layers.keep(trained, server_round)
+            outgoing = layers.outgoing(trained, received)
+            if cipher is None:
                 content["arrays"] = weights_record(outgoing)
     if cipher is not None:
         # Only ciphertexts of this hospital's update and statistics leave it (encrypted.py).

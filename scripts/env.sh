@@ -13,7 +13,7 @@ want=$(cat pyproject.toml requirements.lock | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "Installing the tested dependency set into .venv (first run: about a minute)..."
   # One install call with the lock as constraints: installing pieces separately drifts (DESIGN.md).
-  # uv installs the same pinned versions as pip, downloading and unpacking in parallel: 38 s instead
+  # uv installs the same pinned versions as pip, downloading and unpacking in parallel: ~40 s instead
   # of pip's 1 min 44 s here (bench/README, "Installing with uv"). --compile-bytecode as pip does: where
   # PYTHONDONTWRITEBYTECODE is set no .pyc is ever written later, and every process would compile
   # TensorFlow's sources again (its import: 8-10 s instead of 3.5). uv reads no pip.conf: where only

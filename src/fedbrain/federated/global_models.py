@@ -26,6 +26,10 @@ class GlobalModels:
             settings, model, checkpoints, tracking, state)
         self.last_round = settings.rounds  # earlier when the privacy budget ends the run
         self.temperature: dict = {}  # the last model's, for its card (fitted_temperature)
+        # A resumed run evaluates again the global model of the round it resumes after. The interrupted
+        # run may have logged that evaluation already (its next exchange's replies arrived, its
+        # checkpoint did not): that step's val_* go to MLflow only if it holds none yet.
+        self.resumed_round = state["round"] or None
 
     def record_of(self, server_round: int) -> dict:
         return self.state["rounds"][server_round - 1] if server_round >= 1 else self.state["initial"]
@@ -33,12 +37,23 @@ class GlobalModels:
     def evaluated(self, evaluation: Evaluation | None) -> None:
         if evaluation is None:
             return
+        merge_evaluation(self.record_of(evaluation.round), evaluation)
+        logged = self._logged_before_resume(evaluation.round)
         if evaluation.nll_by_temperature and (fitted := fitted_temperature(evaluation)):
             self.temperature = fitted
-            self.tracking.log({"temperature": fitted["temperature"]}, evaluation.round)
-        merge_evaluation(self.record_of(evaluation.round), evaluation)
-        if evaluation.round >= 1:
+            if not logged:
+                self.tracking.log({"temperature": fitted["temperature"]}, evaluation.round)
+        if evaluation.round >= 1 and not logged:
             self.tracking.log(RoundRecord(**self.record_of(evaluation.round)).val_metrics(), evaluation.round)
+
+    def _logged_before_resume(self, step: int) -> bool:
+        if step < 1 or step != self.resumed_round:
+            return False
+        from mlflow import MlflowClient
+
+        keys = RoundRecord(**self.record_of(step)).val_metrics()
+        client = MlflowClient()
+        return any(m.step == step for key in keys for m in client.get_metric_history(self.tracking.run_id, key))
 
     def complete(self, record: RoundRecord | None, arrays: ArrayRecord, pooled: list | None,
                  server_round: int) -> None:

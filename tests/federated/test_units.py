@@ -360,3 +360,37 @@ def test_a_federation_never_gets_the_same_free_port_twice():
     ports = [free_port(given) for _ in range(200)]
     assert first not in ports and len(set(ports)) == len(ports) == 200
     assert given == {first, *ports}
+
+
+
+def test_a_resumed_run_logs_the_evaluation_it_repeats_only_when_mlflow_lacks_it(tmp_path):
+    """The interrupted run may have logged round 2's val_* before its round-3 checkpoint: resumed after
+    round 2, the run evaluates round 2's model again and must not log step 2 twice; a step it lacks it logs."""
+    from dataclasses import asdict
+    from types import SimpleNamespace
+
+    import mlflow
+    from mlflow import MlflowClient
+
+    from fedbrain.federated.global_models import GlobalModels
+    from fedbrain.federated.records import Evaluation, RoundRecord
+
+    class Tracking:  # what GlobalModels.evaluated uses of the round loop's Tracking, on a real store
+        def __init__(self, run_id):
+            self.run_id = run_id
+
+        def log(self, metrics, step):
+            mlflow.log_metrics(metrics, step=step)
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    for already_logged in (True, False):
+        with mlflow.start_run() as run:
+            if already_logged:
+                mlflow.log_metrics({"val_accuracy": 0.5, "val_loss": 1.0}, step=2)
+            state = {"round": 2, "initial": {"metrics": {}, "hospitals": {}},
+                     "rounds": [asdict(RoundRecord(round=r, nodes_online=2)) for r in (1, 2)]}
+            models = GlobalModels(SimpleNamespace(rounds=3), None, None, Tracking(run.info.run_id), state)
+            models.evaluated(Evaluation(round=2, metrics={"val_accuracy": 0.5, "val_loss": 1.0}))
+            history = MlflowClient().get_metric_history(run.info.run_id, "val_accuracy")
+            assert [m.step for m in history] == [2], already_logged
+            assert state["rounds"][1]["metrics"]["val_accuracy"] == 0.5

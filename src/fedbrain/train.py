@@ -118,7 +118,7 @@ def compile_model(model: tf.keras.Model, task: str, learning_rate: float, optimi
         metric = "accuracy"
     else:
         loss = DiceBCELoss(reduction=reduction)
-        metric = Dice()
+        metric = Dice()  # one model only: compile_view shares `metric` with the scatter classifier's head alone
     model.compile(optimizer=optimizer, loss=loss, metrics=[metric])
     # The scatter classifier trains its head on features computed once (fedbrain.scattering).
     scattering.compile_view(model, loss, metric)

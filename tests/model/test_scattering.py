@@ -79,7 +79,6 @@ def test_scatter_classifier_refuses_augmentation_and_odd_sizes():
         build_model("scatter", (40, 40, 1), 4)
 
 
-
 def _one_private_step(noise: float) -> np.ndarray:
     """The head's weights after one DP-SGD step from the same start (seeded model, fresh Adam)."""
     tf.keras.backend.clear_session()

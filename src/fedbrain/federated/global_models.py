@@ -47,7 +47,7 @@ class GlobalModels:
             self.tracking.log(RoundRecord(**self.record_of(evaluation.round)).val_metrics(), evaluation.round)
 
     def _logged_before_resume(self, step: int) -> bool:
-        if step < 1 or step != self.resumed_round:
+        if step != self.resumed_round:  # None unless resumed, and only that round's evaluation
             return False
         from mlflow import MlflowClient
 

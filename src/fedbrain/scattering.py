@@ -119,7 +119,11 @@ def scatter_classifier(input_shape, num_classes: int, J: int = J_SCALES, L: int 
     """Images -> `Scattering` (named FRONT) -> a nested model HEAD: Flatten -> Dense softmax."""
     check_size(int(input_shape[0]), int(input_shape[1]), J)
     images = tf.keras.Input(input_shape)
-    features = Scattering(J, L, name=FRONT)(images)
+    front = Scattering(J, L, name=FRONT)
+    # Built now: Keras builds a dynamic layer only when it first sees data, and a SavedModel of a
+    # model never called would lack the input shape that rebuilding the layer from its config needs.
+    front.build(images.shape)
+    features = front(images)
     head_in = tf.keras.Input(features.shape[1:])
     logits = tf.keras.layers.Dense(num_classes, activation="softmax", name="predictions")(
         tf.keras.layers.Flatten()(head_in))

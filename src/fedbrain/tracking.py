@@ -162,7 +162,33 @@ def log_tensorflow_model(model) -> str:
     import tensorflow as tf
 
     # Explicit requirements: inferring them re-loads the model in a subprocess (slow).
-    return mlflow_tensorflow.log_model(model, name="model", pip_requirements=[f"tensorflow=={tf.__version__}"]).model_id
+    requirements, options = [f"tensorflow=={tf.__version__}"], {}
+    if own := own_layers(model):
+        # A SavedModel stores every layer's traced call; tracing the scatter classifier's Kymatio
+        # layer (~2,000 ops) took 45 s alone on 2 cores at the end of the secure variant's run, and
+        # 0.3 s without traces. Without them Keras rebuilds fedbrain's layers from their classes:
+        # the model carries fedbrain's code (code_paths) and names the classes (custom_objects), so
+        # `mlflow.pyfunc.load_model` works where fedbrain is not installed; Kymatio is a requirement.
+        from importlib.metadata import version
+
+        import fedbrain
+
+        requirements.append(f"kymatio=={version('kymatio')}")
+        # The network alone: a subclass's training step (e.g. PrivateModel's DP-SGD) has no config
+        # Keras could rebuild it from, and inference does not use it.
+        model = tf.keras.Model(model.inputs, model.outputs, name=model.name)
+        options = {"keras_model_kwargs": {"save_traces": False},
+                   "custom_objects": {tf.keras.utils.get_registered_name(cls): cls for cls in own},
+                   "code_paths": [str(Path(fedbrain.__file__).parent)]}
+    return mlflow_tensorflow.log_model(model, name="model", pip_requirements=requirements, **options).model_id
+
+
+def own_layers(model) -> list[type]:
+    """fedbrain's own layer classes in `model` (nested models included), by name."""
+    import tensorflow as tf
+
+    found = {type(m) for m in model.submodules if isinstance(m, tf.keras.layers.Layer)}
+    return sorted((cls for cls in found if cls.__module__.split(".")[0] == "fedbrain"), key=lambda c: c.__name__)
 
 
 def log_keras_model(params: dict, model, path: Path | None = None) -> None:

@@ -375,7 +375,8 @@ def fit(model: tf.keras.Model, train: Split, val: Split | None, task: str, train
         ) -> dict[str, list[float]]:
     """Train a compiled model on one Split (pooled, or one hospital's) and return its history.
 
-    Augmentation for training batches only; class weights for imbalance (classification);
+    Augmentation for training batches only; class weights for imbalance, or logit adjustment for a
+    skewed label mix (classification; fedbrain.logit_adjustment);
     early stopping on the validation split with the best weights restored. `seed` fixes the
     shuffle and the augmentation; the caller seeds TensorFlow's global generator (dropout,
     initialisers) once, when it builds the model. Reseeding it here would make Keras trace its
@@ -400,11 +401,18 @@ def fit(model: tf.keras.Model, train: Split, val: Split | None, task: str, train
 
     num_classes = int(model.output_shape[-1]) if task == "classification" else 1
     weights = class_weights(train.labels, num_classes) if (class_weight and task == "classification") else None
+    all_callbacks = [_CosineSchedule(epochs, get(opts, "warmup_epochs", int, where), schedule)]
+    if task == "classification" and get(opts, "logit_adjustment", bool, where, default=False):
+        if weights is not None:
+            raise InputError("train.classifier: class_weight and logit_adjustment both correct for the label mix; "
+                             "set one of them to false")
+        from fedbrain.logit_adjustment import logit_adjustment
+
+        all_callbacks.append(logit_adjustment(model, train.labels, num_classes))
     rows = epoch_indices(train, task, get(opts, "oversample_tumour", int, where, default=1))
     train_ds = make_dataset(train, task, num_classes, batch_size, seed, training=True,
                             augment=opts["augment"], weights=weights, rows=rows)
     steps = math.ceil(len(rows) / batch_size)
-    all_callbacks = [_CosineSchedule(epochs, get(opts, "warmup_epochs", int, where), schedule)]
     val_ds = None
     if val is not None and len(val) > 0:
         val_ds = make_dataset(val, task, num_classes, batch_size, seed, training=False)

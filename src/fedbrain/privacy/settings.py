@@ -84,7 +84,8 @@ class PrivacySettings:
 
     def check_training(self, training: dict, role: str) -> None:
         """A network DP can train: no BatchNormalization (it mixes the examples of a batch, and its
-        statistics would travel to the server), and at example level every image once per epoch."""
+        statistics would travel to the server), and at example level every image once per epoch and
+        a loss that reads no statistic of the labels (logit adjustment)."""
         if not self.enabled:
             return
         if training.get("normalization", "batch") != "group":
@@ -93,6 +94,10 @@ class PrivacySettings:
         if self.mode == "example" and int(training.get("oversample_tumour", 1)) > 1:
             raise InputError(f"params.yaml: privacy.mode example counts each image once per epoch; set "
                              f"train.{role}.oversample_tumour: 1 (it repeats tumour slices)")
+        if self.mode == "example" and bool(training.get("logit_adjustment", False)):
+            raise InputError(f"params.yaml: privacy.mode example with train.{role}.logit_adjustment: the class prior "
+                             f"it adds to the loss is counted from the private labels, outside what epsilon covers; "
+                             f"set it to false")
 
     def delta_for(self, examples: int) -> float:
         """The delta of a hospital (or pooled run) with `examples` training images."""

@@ -18,6 +18,7 @@ from fedbrain.federated.certificates import ensure_pki, ensure_supernode_key
 from fedbrain.tracking import absolute_uri
 from fedbrain.federated.settings import FederatedSettings
 from fedbrain.federated.strategy import average_metrics
+from fedbrain.privacy.settings import PrivacySettings
 
 from federated_data import federated_params, make_federated_data
 
@@ -132,6 +133,20 @@ def test_the_project_variants_give_each_role_its_own_hospital_rate():
         settings = FederatedSettings.from_params(p)
         assert settings.hospital_training(p, "classifier")["learning_rate"] == pytest.approx(classifier_rate), variant
         assert settings.hospital_training(p, "segmenter")["learning_rate"] == centralized["segmenter"], variant
+
+
+def test_every_project_variant_is_a_training_its_privacy_admits():
+    """params.yaml: the hospitals' default logit adjustment is off wherever DP-SGD trains (the
+    preflight refuses it there) and for personalized models; on for the plain strategies."""
+    params = load_params(Path(__file__).resolve().parents[2] / "params.yaml")
+    adjusted = {}
+    for variant in params["variants"]:
+        p = with_variant(params, variant)
+        settings = FederatedSettings.from_params(p)
+        for role in ("classifier", "segmenter"):
+            PrivacySettings.from_params(p).check_training(settings.hospital_training(p, role), role)
+        adjusted[variant] = settings.hospital_training(p, "classifier").get("logit_adjustment", False)
+    assert {v for v, on in adjusted.items() if not on} == {"dp", "secure", "fedbn", "local_head"}
 
 
 @pytest.mark.parametrize("wrong", [0, -2, "many", 1.5, True])

@@ -35,6 +35,8 @@ import tensorflow as tf  # noqa: E402
 import centralized  # noqa: E402  (bench/centralized.py: WORK)
 
 from fedbrain.dataset import load_split  # noqa: E402
+from fedbrain.federated.server_app import pool_batch_norm_statistics  # noqa: E402
+from fedbrain.federated.task import set_batch_norm_statistics  # noqa: E402
 from fedbrain.models import load  # noqa: E402
 
 DATA = centralized.WORK / "brain-tumor-mri"
@@ -50,42 +52,33 @@ def sample(images, n: int) -> np.ndarray:
     return np.asarray(images[keep], np.float32)
 
 
-def pooled(per_hospital: list[list[tuple]], weights: list[int]) -> list[tuple]:
-    """Per layer, the hospitals' (mean, E[x^2]) pooled by training images -> (mean, variance)."""
-    w = np.asarray(weights, float) / sum(weights)
-    out = []
-    for layer in range(len(per_hospital[0])):
-        mean = sum(wk * stats[layer][0] for wk, stats in zip(w, per_hospital))
-        second = sum(wk * stats[layer][1] for wk, stats in zip(w, per_hospital))
-        out.append((mean, np.maximum(second - mean ** 2, 0.0)))
-    return out
-
-
-def moments(outputs, n: int, sums: list) -> None:
-    for total, out in zip(sums, outputs):
-        values = out.numpy().reshape(-1, out.shape[-1]).astype(np.float64)
-        total[0] += values.mean(0) * n
-        total[1] += (values ** 2).mean(0) * n
-
-
-def training_mode(model, layers, images: np.ndarray, batch: int) -> list[tuple]:
-    taps = tf.keras.Model(model.input, [layer.input for layer in layers])
-    sums = [[0.0, 0.0] for _ in layers]
+def moments(images: np.ndarray, taps, training: bool, batch: int) -> list:
+    """Per tapped layer input: mean and variance over `images` ([mean_1, var_1, ...], the order of
+    the federation's statistics), from per-batch sums of x and x^2."""
+    sums = None
     for i in range(0, len(images), batch):
-        moments(taps(images[i:i + batch], training=True), len(images[i:i + batch]), sums)
-    return [(s[0] / len(images), s[1] / len(images)) for s in sums]
+        x = images[i:i + batch]
+        outs = taps(x, training=training)
+        outs = outs if isinstance(outs, list) else [outs]
+        values = [o.numpy().reshape(-1, o.shape[-1]).astype(np.float64) for o in outs]
+        batch_sums = [(v.mean(0) * len(x), (v ** 2).mean(0) * len(x)) for v in values]
+        sums = batch_sums if sums is None else [(a + c, b + d) for (a, b), (c, d) in zip(sums, batch_sums)]
+    stats = []
+    for first, second in sums:
+        mean = first / len(images)
+        stats += [mean, np.maximum(second / len(images) - mean ** 2, 0.0)]
+    return stats
+
+
+def training_mode(model, layers, images: np.ndarray, batch: int) -> list:
+    return moments(images, tf.keras.Model(model.input, [layer.input for layer in layers]), True, batch)
 
 
 def layer_by_layer(model, layers, hospitals: list[np.ndarray], weights: list[int]) -> None:
     for layer in layers:
         tap = tf.keras.Model(model.input, layer.input)
-        per_hospital = []
-        for images in hospitals:
-            sums = [[0.0, 0.0]]
-            for i in range(0, len(images), 64):
-                moments([tap(images[i:i + 64], training=False)], len(images[i:i + 64]), sums)
-            per_hospital.append([(sums[0][0] / len(images), sums[0][1] / len(images))])
-        (mean, variance), = pooled(per_hospital, weights)
+        per_hospital = [(n, moments(x, tap, False, 64)) for n, x in zip(weights, hospitals)]
+        mean, variance = pool_batch_norm_statistics(per_hospital)
         layer.moving_mean.assign(mean)
         layer.moving_variance.assign(variance)
 
@@ -103,11 +96,6 @@ def main(model_path: Path) -> None:
                            == s.labels).mean()) for s in (val, test)]
         return f"val {accuracy[0]:.4f}  test {accuracy[1]:.4f}"
 
-    def assign(stats) -> None:
-        for layer, (mean, variance) in zip(layers, stats):
-            layer.moving_mean.assign(mean)
-            layer.moving_variance.assign(variance)
-
     print(f"BENCH bn_calibration {model_path}: hospitals {weights} training images, val {len(val)}, test {len(test)}, "
           f"{len(layers)} BatchNormalization layers", flush=True)
     print(f"  baseline, as the federation saved it: {scores()}", flush=True)
@@ -115,7 +103,8 @@ def main(model_path: Path) -> None:
     for n in (SAMPLE, 0):
         images = [sample(t.images, n) for t in trains]
         for batch in (8, 32, 128):
-            assign(pooled([training_mode(model, layers, x, batch) for x in images], weights))
+            set_batch_norm_statistics(model, pool_batch_norm_statistics(
+                [(n, training_mode(model, layers, x, batch)) for n, x in zip(weights, images)]))
             print(f"  training mode, {n or 'all'} images per hospital, batch {batch}: {scores()} "
                   f"({time.perf_counter() - start:.0f} s)", flush=True)
         if n:

@@ -377,7 +377,6 @@ def test_a_federation_never_gets_the_same_free_port_twice():
     assert given == {first, *ports}
 
 
-
 def test_a_resumed_run_logs_the_evaluation_it_repeats_only_when_mlflow_lacks_it(tmp_path):
     """The interrupted run may have logged round 2's val_* before its round-3 checkpoint: resumed after
     round 2, the run evaluates round 2's model again and must not log step 2 twice; a step it lacks it logs."""

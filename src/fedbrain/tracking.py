@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -155,32 +156,35 @@ def log_history(history: dict[str, list[float]], first_step: int = 0) -> None:
 
 
 def log_tensorflow_model(model) -> str:
-    """The model as an MLflow TensorFlow model named "model" in the active run; its model id."""
+    """The model as an MLflow TensorFlow model named "model" in the active run; its model id.
+
+    Loadable by `mlflow.pyfunc.load_model` where fedbrain is not installed: the MLflow model carries
+    fedbrain's source (code_paths), which MLflow puts on the path before it unpickles the classes
+    this process registered with Keras (it saves all of them, whichever the model uses)."""
     # Bound to its own name: `import mlflow.tensorflow` here would make `mlflow` a local
     # of this function and break callers' later use of the module.
     from mlflow import tensorflow as mlflow_tensorflow
     import tensorflow as tf
 
+    import fedbrain
+
     # Explicit requirements: inferring them re-loads the model in a subprocess (slow).
-    requirements, options = [f"tensorflow=={tf.__version__}"], {}
-    if own := own_layers(model):
-        # A SavedModel stores every layer's traced call; tracing the scatter classifier's Kymatio
-        # layer (~2,000 ops) took 45 s alone on 2 cores at the end of the secure variant's run, and
-        # 0.3 s without traces. Without them Keras rebuilds fedbrain's layers from their classes:
-        # the model carries fedbrain's code (code_paths) and names the classes (custom_objects), so
-        # `mlflow.pyfunc.load_model` works where fedbrain is not installed; Kymatio is a requirement.
+    requirements = [f"tensorflow=={tf.__version__}"]
+    if "fedbrain.scattering" in sys.modules:  # its Kymatio layer is registered, hence pickled
         from importlib.metadata import version
 
-        import fedbrain
-
         requirements.append(f"kymatio=={version('kymatio')}")
+    if type(model).__module__.split(".")[0] == "fedbrain":
         # The network alone: a subclass's training step (e.g. PrivateModel's DP-SGD) has no config
         # Keras could rebuild it from, and inference does not use it.
         model = tf.keras.Model(model.inputs, model.outputs, name=model.name)
-        options = {"keras_model_kwargs": {"save_traces": False},
-                   "custom_objects": {tf.keras.utils.get_registered_name(cls): cls for cls in own},
-                   "code_paths": [str(Path(fedbrain.__file__).parent)]}
-    return mlflow_tensorflow.log_model(model, name="model", pip_requirements=requirements, **options).model_id
+    own = {tf.keras.utils.get_registered_name(cls): cls for cls in own_layers(model)}
+    # No traced calls: Keras rebuilds every layer from its config and class. Tracing is what a
+    # SavedModel costs: the cnn's ~4 s of CPU at the end of every run (0.6 s without), the scatter
+    # classifier's Kymatio layer (~2,000 ops) 45 s at the end of the secure variant's run.
+    return mlflow_tensorflow.log_model(model, name="model", pip_requirements=requirements,
+                                       keras_model_kwargs={"save_traces": False}, custom_objects=own or None,
+                                       code_paths=[str(Path(fedbrain.__file__).parent)]).model_id
 
 
 def own_layers(model) -> list[type]:

@@ -1,9 +1,6 @@
 """The scatter classifier (fedbrain.scattering): its head on cached features is the whole model on
 the images, it saves and loads, and what it cannot do is refused."""
 
-import os
-from pathlib import Path
-
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -109,54 +106,3 @@ def test_under_dp_the_head_that_trains_is_noised_at_the_planned_multiplier():
                                                                   "classification", 0.01)), PrivateModel)
     np.testing.assert_array_equal(_one_private_step(0.0), _one_private_step(0.0))
     assert not np.allclose(_one_private_step(2.0), _one_private_step(2.0))
-
-
-def test_its_mlflow_model_carries_fedbrains_code_and_loads_where_fedbrain_is_not_installed(tmp_path):
-    """Logged without traced calls (tracing Kymatio cost ~45 s a run): Keras rebuilds the layer from
-    its class, which the MLflow model carries. Logged by a process that imports fedbrain alone (MLflow
-    also pickles every class registered with Keras in the process, e.g. other tests' models), then
-    loaded by one that cannot import the installed fedbrain: the same predictions."""
-    import json
-    import subprocess
-    import sys
-
-    import mlflow
-
-    import fedbrain
-
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    np.save(tmp_path / "images.npy", _split(3, 5, "m").images)
-    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "TF_CPP_MIN_LOG_LEVEL": "3"}
-    log = f"""
-import mlflow, numpy as np
-from fedbrain import tracking
-from fedbrain.models import build_model
-model = build_model("scatter", (32, 32, 1), 4)
-with mlflow.start_run():
-    model_id = tracking.log_tensorflow_model(model)
-np.save({str(tmp_path / 'want.npy')!r}, model.predict(np.load({str(tmp_path / 'images.npy')!r}), verbose=0))
-print(model_id)
-"""
-    done = subprocess.run([sys.executable, "-c", log], capture_output=True, text=True, env=env, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    model_uri = f"models:/{done.stdout.strip().splitlines()[-1]}"
-    mlflow.set_tracking_uri(uri)
-    local = Path(mlflow.artifacts.download_artifacts(model_uri, dst_path=str(tmp_path / "downloaded")))
-    assert (local / "code" / "fedbrain" / "scattering.py").is_file()
-    assert "kymatio==" in (local / "requirements.txt").read_text()
-
-    installed = str(Path(fedbrain.__file__).parent.parent)
-    load = f"""
-import importlib.util, json, sys
-sys.path = [p for p in sys.path if p != {installed!r}]
-assert importlib.util.find_spec("fedbrain") is None, "fedbrain is still importable"
-import mlflow, numpy as np
-loaded = mlflow.pyfunc.load_model({model_uri!r})
-print(json.dumps({{"probabilities": np.asarray(loaded.predict(np.load({str(tmp_path / 'images.npy')!r}))).tolist(),
-                  "fedbrain": sys.modules["fedbrain"].__file__}}))
-"""
-    done = subprocess.run([sys.executable, "-c", load], capture_output=True, text=True, env=env, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    result = json.loads(done.stdout.strip().splitlines()[-1])
-    assert not result["fedbrain"].startswith(installed)
-    np.testing.assert_allclose(result["probabilities"], np.load(tmp_path / "want.npy"), atol=1e-5)

@@ -397,6 +397,9 @@ def test_a_resumed_run_logs_the_evaluation_it_repeats_only_when_mlflow_lacks_it(
             mlflow.log_metrics(metrics, step=step)
 
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    # Its own experiment: MLflow keeps the active experiment's id in the process, and an earlier test's
+    # (id 1 in its own store) is not in this new store (the test failed after others in one process).
+    mlflow.set_experiment("resumed")
     for already_logged in (True, False):
         with mlflow.start_run() as run:
             if already_logged:

@@ -1,6 +1,7 @@
 """Centralized baseline numbers on the real data beside the project (not a test).
 
   .venv/bin/python bench/centralized.py [classifier] [classifier-group] [segmenter] [throughput] [evaluate]
+                                        [--seed S]
   (default: classifier, segmenter, throughput)
 
 classifier  brain-tumor-mri/Training through ingest -> preprocess -> partition (the pipeline's
@@ -9,6 +10,9 @@ classifier  brain-tumor-mri/Training through ingest -> preprocess -> partition (
 classifier-group  the same classifier in its GroupNorm form (train.classifier.normalization: group,
             what DP-SGD trains), into models-group/ and reports-group/: the cost of the normalisation
             change apart from the cost of DP (issue 12).
+--seed S    the classifiers with train.seed S (other initial weights and batch order, the same split),
+            into models-seedS/ and reports-seedS/: the centralized reference of a federated run on that
+            seed (bench/variants.py with a variant setting train.seed).
 segmenter   lgg-mri-segmentation, split by patient, U-Net (train.segmenter): prints mean Dice on
             test slices with tumour (target >= 0.80), per-patient Dice and HD95.
 throughput  images/s of fedbrain.train.fit vs a bare model.fit on the same model and data in the
@@ -65,7 +69,7 @@ def prepare(name: str, root: Path, params: dict) -> tuple[Path, Path]:
     return processed, parts
 
 
-def bench_classifier(normalization: str = "batch") -> None:
+def bench_classifier(normalization: str = "batch", seed: int | None = None) -> None:
     params = params_for(SHARED / "brain-tumor-mri" / "Training")
     processed, parts = prepare("brain-tumor-mri", SHARED / "brain-tumor-mri" / "Training", params)
     classes = load_classes(processed)
@@ -74,12 +78,16 @@ def bench_classifier(normalization: str = "batch") -> None:
     if normalization != "batch":  # its own folders: `evaluate` scores every model under models/
         params["train"]["classifier"]["normalization"] = normalization
         models, reports = models.with_name(f"models-{normalization}"), reports.with_name(f"reports-{normalization}")
+    if seed is not None:
+        params["train"]["seed"] = seed
+        models, reports = models.with_name(f"{models.name}-seed{seed}"), reports.with_name(f"{reports.name}-seed{seed}")
     start = time.perf_counter()
     card = train.train_model(params, "classifier", classes, split_train, split_val, models / "centralized")
     wall = time.perf_counter() - start
     table = evaluate.run(params, processed, parts, models, reports)
     row = table[table["run"] == "centralized/classifier"].iloc[0]
-    print(f"\nBENCH classifier ({card['model']}, {normalization} normalization, {len(split_train)} train / "
+    print(f"\nBENCH classifier ({card['model']}, {normalization} normalization, train.seed {params['train']['seed']}, "
+          f"{len(split_train)} train / "
           f"{len(split_val)} val / "
           f"{row['test_images']} test images, {len(card['history']['loss'])} epochs): "
           f"test accuracy {row['accuracy']:.4f} (target 0.95), macro F1 {row['macro_f1']:.4f} (target 0.94), "
@@ -175,7 +183,14 @@ def bench_throughput(rounds: int = 4, epochs: int = 3) -> None:
 
 
 if __name__ == "__main__":
-    parts = sys.argv[1:] or ["throughput", "classifier", "segmenter"]
+    args = sys.argv[1:]
+    seed = None
+    if "--seed" in args:
+        at = args.index("--seed")
+        seed = int(args[at + 1])
+        del args[at:at + 2]
+    parts = args or ["throughput", "classifier", "segmenter"]
     for part in parts:
-        {"classifier": bench_classifier, "segmenter": bench_segmenter, "throughput": bench_throughput,
-         "evaluate": bench_evaluate, "classifier-group": lambda: bench_classifier("group")}[part]()
+        {"classifier": lambda: bench_classifier(seed=seed), "segmenter": bench_segmenter,
+         "throughput": bench_throughput, "evaluate": bench_evaluate,
+         "classifier-group": lambda: bench_classifier("group", seed)}[part]()

@@ -36,8 +36,8 @@ def project_copy(tmp_path_factory) -> Path:
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(PROJECT / relative, target)
     subprocess.run(["git", "init", "-q"], cwd=copy, check=True)
-    # The pipeline's mechanics, not model quality, are under test: a few epochs, one round (a secure
-    # round costs about a minute of Paillier work on 2 cores whatever the data).
+    # The pipeline's mechanics, not model quality, are under test: a few epochs, one round (a
+    # federation's start-up, four TensorFlow processes, is most of what each federated stage costs).
     params = yaml.safe_load((copy / "params.yaml").read_text())
     params["train"]["classifier"]["epochs"] = 2
     params["federated"].update(rounds=1, local_epochs=1)

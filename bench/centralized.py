@@ -183,14 +183,16 @@ def bench_throughput(rounds: int = 4, epochs: int = 3) -> None:
 
 
 if __name__ == "__main__":
-    args = sys.argv[1:]
-    seed = None
-    if "--seed" in args:
-        at = args.index("--seed")
-        seed = int(args[at + 1])
-        del args[at:at + 2]
-    parts = args or ["throughput", "classifier", "segmenter"]
-    for part in parts:
-        {"classifier": lambda: bench_classifier(seed=seed), "segmenter": bench_segmenter,
-         "throughput": bench_throughput, "evaluate": bench_evaluate,
-         "classifier-group": lambda: bench_classifier("group", seed)}[part]()
+    import argparse
+
+    PARTS = {"classifier": lambda: bench_classifier(seed=args.seed), "segmenter": bench_segmenter,
+             "throughput": bench_throughput, "evaluate": bench_evaluate,
+             "classifier-group": lambda: bench_classifier("group", args.seed)}
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("parts", nargs="*", metavar="part", help=" | ".join(PARTS))
+    parser.add_argument("--seed", type=int, help="train.seed for the classifiers (into models-seedS/)")
+    args = parser.parse_args()
+    if unknown := [part for part in args.parts if part not in PARTS]:
+        parser.error(f"unknown part(s) {', '.join(unknown)}; choose from {', '.join(PARTS)}")
+    for part in args.parts or ["throughput", "classifier", "segmenter"]:
+        PARTS[part]()

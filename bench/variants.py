@@ -1,7 +1,7 @@
 """The federated variants side by side on the real 4-class set (not a test).
 
   .venv/bin/python bench/variants.py [fedavg paillier dp secure ...] [--rounds R] [--local-epochs E] [--reuse]
-                                     [--threads T] [--suffix S]
+                                     [--threads T] [--suffix S] [--seed N]
 
 Each named variant (params.yaml `variants`) trains the classifier on brain-tumor-mri/Training,
 3 hospitals, Dirichlet alpha 0.5, through the real Deployment Engine (TLS and SuperNode
@@ -15,6 +15,9 @@ ask for:
   secure vs dp         round time (target <= 1.5), accuracy difference (target within 0.5 points)
 --reuse keeps a variant's model from an earlier call when it exists (build/bench/.../models/federated/<v>/).
 --suffix S trains into models/federated/<v>S/ instead (e.g. other rounds beside the default run).
+--seed N trains with train.seed N (other initial weights and batch order, the same split) into
+models/federated/<v>-seedN/ (unless --suffix names another): compare it with `bench/centralized.py
+classifier --seed N`, the centralized run of the same seed.
 The data stages and the split are bench/centralized.py's (build/bench/brain-tumor-mri/).
 """
 
@@ -90,6 +93,7 @@ def main() -> None:
     parser.add_argument("--local-epochs", type=int)
     parser.add_argument("--reuse", action="store_true", help="keep models an earlier call trained")
     parser.add_argument("--suffix", default="", help="train into models/federated/<variant><suffix>/")
+    parser.add_argument("--seed", type=int, help="train.seed for every variant (into models/federated/<v>-seedN/)")
     parser.add_argument("--threads", type=int, help="federated.hospital_threads (default: params.yaml's); runs "
                         "compared for round time need the same")
     args = parser.parse_args()
@@ -101,10 +105,16 @@ def main() -> None:
                                    ("hospital_threads", args.threads)) if v}
     params = federated.bench_params(root, partition, "classifier", overrides)
     params["variants"] = defined
+    suffix = args.suffix
+    if args.seed is not None:
+        params["train"]["seed"] = args.seed
+        suffix = suffix or f"-seed{args.seed}"
+        if clash := [v for v in args.variants if "seed" in (defined[v] or {}).get("train", {})]:
+            parser.error(f"variant(s) {clash} set train.seed themselves; --seed would not apply to them")
     processed, parts = centralized.prepare(name, root, params)
     federated.check_partition(parts, partition)
     models = WORK / name / "models"
-    results = {v: run_variant(v, params, processed, parts, models, args.reuse, args.suffix) for v in args.variants}
+    results = {v: run_variant(v, params, processed, parts, models, args.reuse, suffix) for v in args.variants}
 
     fed = params["federated"]
     print(f"\nBENCH variants, classifier ({name}, {partition}): {fed['rounds']} rounds x {fed['local_epochs']} "

@@ -116,9 +116,10 @@ def scattering(images: np.ndarray, J: int) -> np.ndarray:
 def head(shape, kind: str, num_classes: int) -> tf.keras.Model:
     inputs = tf.keras.Input(shape)
     x = inputs
+    kind, _, projection = kind.partition("-rp")  # "order-rp1024": the `order` head over a 1,024-wide projection
     if kind in ("log", "logorder"):
         x = layers.Lambda(lambda t: tf.math.log(tf.maximum(t, 0.0) + 1e-3))(x)
-    if kind in ("order", "logorder") or kind.startswith("order-rp"):
+    if kind in ("order", "logorder"):
         x = layers.Lambda(_by_order)(x)
     else:
         x = layers.GroupNormalization(groups=1, center=False, scale=False)(x)  # per image, no weights
@@ -132,10 +133,9 @@ def head(shape, kind: str, num_classes: int) -> tf.keras.Model:
         if kind.startswith("pool"):
             x = layers.AveragePooling2D(int(kind[4:]))(x)
         x = layers.Flatten()(x)
-        if "-rp" in kind:
-            width = int(kind.split("-rp")[1])
+        if projection:
             # A seeded initializer gives the same matrix at every call: every hospital and the scorer.
-            x = layers.Dense(width, use_bias=False, trainable=False, kernel_initializer=tf.keras.initializers.RandomNormal(
+            x = layers.Dense(int(projection), use_bias=False, trainable=False, kernel_initializer=tf.keras.initializers.RandomNormal(
                 stddev=1.0 / np.sqrt(x.shape[-1]), seed=20261207))(x)
     return tf.keras.Model(inputs, layers.Dense(num_classes, activation="softmax")(x))
 
